@@ -1,0 +1,137 @@
+"""Entropy-SGD (Chaudhari et al. 2017, "Entropy-SGD: biasing gradient descent into wide valleys"), in the form of
+Pittorino et al. 2021 ("Entropic gradient descent algorithms and wide flat minima", Algorithm 1; MATH.md §3)."""
+import math
+
+import torch
+
+# Defaults for a small MLP / conv net, after Chaudhari et al. and Pittorino et al.
+DEFAULT_LR = 1.0              # η: outer step; 1 moves w all the way to the Langevin average μ
+DEFAULT_LANGEVIN_LR = 0.1     # η': step of the inner Langevin chain
+DEFAULT_LANGEVIN_STEPS = 5    # L: minibatch gradients per outer step
+DEFAULT_GAMMA = 0.03          # γ_0: coupling of w' to w (the papers scope it with γ_1 ≈ 1e-3 per outer step)
+DEFAULT_GAMMA_GROWTH = 0.0    # γ_1: off by default; η'γ_t must stay < 2 or the inner chain diverges
+DEFAULT_NOISE = 1e-4          # ε: thermal noise of the Langevin chain
+DEFAULT_ALPHA = 0.75          # α: averaging factor of μ
+
+
+def _check(ok: bool, name: str, value, need: str) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r} (need {need})")
+
+
+class EntropySGD(torch.optim.Optimizer):
+    """Entropy-SGD: descend the local-entropy loss, whose gradient γ (w − ⟨w'⟩) is estimated by SGLD.
+
+    One ``step(closure)`` is one outer step (MATH.md §3), symbols mapped once:
+    ``lr`` = η, ``langevin_lr`` = η', ``langevin_steps`` = L, ``gamma`` = γ_0, ``gamma_growth`` = γ_1,
+    ``noise`` = ε, ``alpha`` = α::
+
+        w', μ ← w
+        for l = 1..L:   dw' ← ∇L(w'; Ξ_l) + γ_t (w' − w) [+ weight_decay · w']
+                        w'  ← w' − η' dw' + sqrt(η') ε ξ,  ξ ~ N(0, I)
+                        μ   ← α μ + (1 − α) w'
+        d ← w − μ;  [momentum m: b ← m b + d (b starts at 0);  d ← d + m b if nesterov else b]
+        w ← w − η d
+
+    with γ_t = γ_0 (1 + γ_1)^t, t = outer steps taken so far (t = 0 at the first step, kept per param group
+    under ``"step_count"``, so it survives ``state_dict()``). With ``momentum = weight_decay = 0`` and
+    ``gamma_growth = 0`` this is exactly seed Algorithm 1. Weight decay (L2) acts on the inner gradient dw';
+    momentum / Nesterov act on the outer direction w − μ, as in Chaudhari et al.'s code.
+
+    ``closure()`` must zero the grads, compute the loss of a fresh minibatch, call backward and return the loss;
+    it is called L times per step, while the parameters hold w'. After the step they hold the new w. A
+    parameter whose ``.grad`` is None after a closure call does not move in that Langevin step (frozen
+    parameters stay frozen). ``step`` returns the mean of the L closure losses.
+
+    Noise: one ``torch.randn`` draw per parameter per Langevin step, in parameter order, from ``generator``
+    (a ``torch.Generator`` on the parameters' device; None = the global RNG). None is drawn when ε = 0.
+    The optimizer does not save the generator: for an exact resume the caller saves ``generator.get_state()``
+    next to ``state_dict()``. ``langevin_steps`` is read from the first param group.
+    """
+
+    def __init__(self, params, lr: float = DEFAULT_LR, *, langevin_lr: float = DEFAULT_LANGEVIN_LR,
+                 langevin_steps: int = DEFAULT_LANGEVIN_STEPS, gamma: float = DEFAULT_GAMMA,
+                 gamma_growth: float = DEFAULT_GAMMA_GROWTH, noise: float = DEFAULT_NOISE,
+                 alpha: float = DEFAULT_ALPHA, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0, generator: torch.Generator | None = None):
+        _check(lr >= 0, "learning rate (lr)", lr, ">= 0")
+        _check(langevin_lr >= 0, "langevin_lr", langevin_lr, ">= 0")
+        _check(isinstance(langevin_steps, int) and langevin_steps >= 1, "langevin_steps", langevin_steps,
+               "an integer >= 1")
+        _check(gamma >= 0, "gamma", gamma, ">= 0")
+        _check(gamma_growth >= 0, "gamma_growth", gamma_growth, ">= 0")
+        _check(noise >= 0, "noise", noise, ">= 0")
+        _check(0 <= alpha < 1, "alpha", alpha, "0 <= alpha < 1")
+        _check(momentum >= 0, "momentum", momentum, ">= 0")
+        _check(weight_decay >= 0, "weight_decay", weight_decay, ">= 0")
+        _check(not nesterov or momentum > 0, "nesterov", nesterov, "momentum > 0 with nesterov=True")
+        defaults = dict(lr=lr, langevin_lr=langevin_lr, langevin_steps=langevin_steps, gamma=gamma,
+                        gamma_growth=gamma_growth, noise=noise, alpha=alpha, momentum=momentum,
+                        nesterov=nesterov, weight_decay=weight_decay, step_count=0)
+        super().__init__(params, defaults)
+        self.generator = generator
+
+    @staticmethod
+    def _gamma(group) -> float:
+        return group["gamma"] * (1 + group["gamma_growth"]) ** group["step_count"]  # γ_t = γ_0 (1 + γ_1)^t
+
+    @property
+    def current_gamma(self) -> float:
+        """γ_t that the coming step uses (first param group)."""
+        return self._gamma(self.param_groups[0])
+
+    @torch.no_grad()
+    def step(self, closure):
+        """One outer step; calls ``closure`` L times and returns the mean of its losses."""
+        if closure is None:
+            raise ValueError("EntropySGD.step needs a closure that returns the loss of a fresh minibatch")
+        anchors = [[p.detach().clone() for p in g["params"]] for g in self.param_groups]  # w
+        means = [[w.clone() for w in ws] for ws in anchors]                                # μ
+        steps = self.param_groups[0]["langevin_steps"]
+        total = 0.0
+        for _ in range(steps):
+            with torch.enable_grad():
+                loss = closure()
+            total = total + (loss.detach() if torch.is_tensor(loss) else loss)
+            for group, ws, mus in zip(self.param_groups, anchors, means):
+                self._langevin_step(group, ws, mus)
+        for group, ws, mus in zip(self.param_groups, anchors, means):
+            self._outer_step(group, ws, mus)
+        return total / steps
+
+    def _langevin_step(self, group, ws, mus) -> None:
+        ps = group["params"]
+        moving = [i for i, p in enumerate(ps) if p.grad is not None]
+        if moving:
+            params, anchors = [ps[i] for i in moving], [ws[i] for i in moving]
+            dw = torch._foreach_sub(params, anchors)
+            torch._foreach_mul_(dw, self._gamma(group))                 # γ (w' − w)
+            torch._foreach_add_(dw, [p.grad for p in params])           # + ∇L(w'; Ξ)
+            if group["weight_decay"]:
+                torch._foreach_add_(dw, params, alpha=group["weight_decay"])
+            torch._foreach_add_(params, dw, alpha=-group["langevin_lr"])  # w' ← w' − η' dw'
+            if group["noise"]:
+                xi = [torch.randn(p.shape, generator=self.generator, device=p.device, dtype=p.dtype)
+                      for p in params]
+                torch._foreach_add_(params, xi, alpha=math.sqrt(group["langevin_lr"]) * group["noise"])
+        torch._foreach_mul_(mus, group["alpha"])                        # μ ← α μ + (1 − α) w'
+        torch._foreach_add_(mus, ps, alpha=1 - group["alpha"])
+
+    def _outer_step(self, group, ws, mus) -> None:
+        ps = group["params"]
+        d = torch._foreach_sub(ws, mus)                                 # w − μ ≈ ∇L_LE(w) / γ
+        m = group["momentum"]
+        if m:
+            for p in ps:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in ps]
+            torch._foreach_mul_(bufs, m)
+            torch._foreach_add_(bufs, d)                                # b ← m b + d
+            if group["nesterov"]:
+                torch._foreach_add_(d, bufs, alpha=m)
+            else:
+                d = bufs
+        torch._foreach_add_(ws, d, alpha=-group["lr"])                  # w ← w − η d
+        torch._foreach_copy_(ps, ws)
+        group["step_count"] += 1

@@ -1,0 +1,114 @@
+"""Replicated SGD (Baldassi et al. 2016 "robust ensembles"; Pittorino et al. 2021, "Entropic gradient descent
+algorithms and wide flat minima", Algorithm 2; MATH.md §4): SGD on Σ_a L(w^a) + γ Σ_a ½ |w^a − w̄|²."""
+from collections.abc import Iterable, Sequence
+
+import torch
+
+DEFAULT_LR = 0.05          # η: SGD step of every replica
+DEFAULT_COUPLING = 0.1     # γ_0: pull of each replica to the center (η γ_0 per step sets how fast they meet)
+DEFAULT_COUPLING_EVERY = 1  # K: couple every K steps, with a K times stronger pull
+DEFAULT_GAMMA_GROWTH = 0.0  # γ_1: scoping γ_t = γ_0 (1 + γ_1)^t, off by default
+
+
+def _check(ok: bool, name: str, value, need: str) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r} (need {need})")
+
+
+class ReplicatedSGD(torch.optim.Optimizer):
+    """y replicas of one network, each trained by SGD and elastically coupled to their center w̄.
+
+    ``replicas`` holds one iterable of parameters per replica (same shapes, same order); each becomes one
+    param group. Symbols mapped once: ``lr`` = η, ``coupling`` = γ_0, ``coupling_every`` = K,
+    ``gamma_growth`` = γ_1. Step t (counted from 1) does, for every replica a::
+
+        w̄   ← (1/y) Σ_a w^a                                  (before any replica moves)
+        dw^a ← ∇L(w^a; Ξ_a) [+ weight_decay · w^a]          (the gradient already in .grad)
+        if t ≡ 0 (mod K):  dw^a ← dw^a + K γ_t (w^a − w̄),    γ_t = γ_0 (1 + γ_1)^t
+        [momentum m: b ← m b + dw^a (b starts at 0);  dw^a ← dw^a + m b if nesterov else b]
+        w^a  ← w^a − η dw^a
+
+    With ``momentum = weight_decay = 0`` and ``gamma_growth = 0`` this is exactly seed Algorithm 2. Momentum
+    acts on the whole coupled gradient, so with γ = 0 each replica runs ``torch.optim.SGD``. The step count
+    t − 1 is kept per group under ``"step_count"``, so it survives ``state_dict()``; K and the count are read
+    from the first group. Parameters whose ``.grad`` is None do not move (they still count in w̄).
+    """
+
+    def __init__(self, replicas: Sequence[Iterable[torch.Tensor]], lr: float = DEFAULT_LR, *,
+                 coupling: float = DEFAULT_COUPLING, coupling_every: int = DEFAULT_COUPLING_EVERY,
+                 gamma_growth: float = DEFAULT_GAMMA_GROWTH, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0):
+        replicas = [list(r) for r in replicas]
+        _check(len(replicas) >= 2, "number of replicas", len(replicas), ">= 2")
+        shapes = [tuple(p.shape) for p in replicas[0]]
+        for a, r in enumerate(replicas[1:], start=1):
+            _check([tuple(p.shape) for p in r] == shapes, f"parameter shapes of replica {a}",
+                   [tuple(p.shape) for p in r], f"the shapes of replica 0, {shapes}")
+        _check(lr >= 0, "learning rate (lr)", lr, ">= 0")
+        _check(coupling >= 0, "coupling", coupling, ">= 0")
+        _check(isinstance(coupling_every, int) and coupling_every >= 1, "coupling_every", coupling_every,
+               "an integer >= 1")
+        _check(gamma_growth >= 0, "gamma_growth", gamma_growth, ">= 0")
+        _check(momentum >= 0, "momentum", momentum, ">= 0")
+        _check(weight_decay >= 0, "weight_decay", weight_decay, ">= 0")
+        _check(not nesterov or momentum > 0, "nesterov", nesterov, "momentum > 0 with nesterov=True")
+        defaults = dict(lr=lr, coupling=coupling, coupling_every=coupling_every, gamma_growth=gamma_growth,
+                        momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, step_count=0)
+        super().__init__([{"params": r} for r in replicas], defaults)
+
+    @property
+    def current_gamma(self) -> float:
+        """γ_t = γ_0 (1 + γ_1)^t of the coming step t (first param group)."""
+        g = self.param_groups[0]
+        return g["coupling"] * (1 + g["gamma_growth"]) ** (g["step_count"] + 1)
+
+    def will_couple(self) -> bool:
+        """Whether the coming step t applies the coupling (t ≡ 0 mod K); only then is the center needed."""
+        g = self.param_groups[0]
+        return (g["step_count"] + 1) % g["coupling_every"] == 0
+
+    @torch.no_grad()
+    def center(self) -> list[torch.Tensor]:
+        """The center w̄ = (1/y) Σ_a w^a, one new tensor per parameter."""
+        groups = self.param_groups
+        total = [p.detach().clone() for p in groups[0]["params"]]
+        for g in groups[1:]:
+            torch._foreach_add_(total, g["params"])
+        torch._foreach_div_(total, len(groups))
+        return total
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step t of Algorithm 2 with the gradients stored in every replica; returns closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        couples, gamma_k = self.will_couple(), self.current_gamma * self.param_groups[0]["coupling_every"]
+        center = self.center() if couples else None                        # w̄, before any replica moves
+        for group in self.param_groups:
+            moving = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+            params = [group["params"][i] for i in moving]
+            if params:
+                d = [p.grad for p in params]                                # ∇L(w^a; Ξ_a), never modified
+                if group["weight_decay"]:
+                    d = torch._foreach_add(d, params, alpha=group["weight_decay"])
+                if couples:
+                    pull = torch._foreach_sub(params, [center[i] for i in moving])  # w^a − w̄
+                    d = torch._foreach_add(d, pull, alpha=gamma_k)          # + K γ_t (w^a − w̄)
+                self._apply(group, params, d)
+            group["step_count"] += 1
+        return loss
+
+    def _apply(self, group, params, d) -> None:
+        """w ← w − η d, with torch.optim.SGD's momentum / Nesterov (dampening 0) when momentum > 0."""
+        m = group["momentum"]
+        if m:
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(bufs, m)
+            torch._foreach_add_(bufs, d)                                    # b ← m b + d
+            d = torch._foreach_add(d, bufs, alpha=m) if group["nesterov"] else bufs
+        torch._foreach_add_(params, d, alpha=-group["lr"])
