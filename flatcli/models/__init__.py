@@ -4,7 +4,7 @@ Names (``MODEL_NAMES``), with what ``width`` and ``depth`` mean for each:
 
 - ``linear``: flatten + one ``nn.Linear`` with bias. Ignores width, depth.
 - ``mlp``: flatten, ``depth`` hidden ReLU layers of ``width`` units, linear head. Any input shape.
-- ``lenet``: LeNet-5 (conv 20 → pool → conv 50 → pool → fc 500 → out), images of 14x14 or more. Ignores width, depth.
+- ``lenet``: LeNet-5 (conv 20 → pool → conv 50 → pool → fc 500 → out), images of 16x16 or more. Ignores width, depth.
 - ``convnet``: three conv-BN-ReLU-maxpool blocks of width/4, width/2, width channels (32/64/128 at the
   default width 128), global pool, linear; images of 8x8 or more. Ignores depth.
 - ``resnet20``, ``resnet110``: He et al.'s CIFAR ResNets (16/32/64 channels, option-A shortcuts).
@@ -27,7 +27,7 @@ from flatcli.errors import FlatcliError
 from flatcli.models import external, resnet, small
 
 MODEL_NAMES = ("linear", "mlp", "lenet", "convnet", "resnet20", "resnet110", "resnet18")
-IMAGE_MODELS = {"lenet": 14, "convnet": 8, "resnet20": 1, "resnet110": 1, "resnet18": 1}  # name → least H, W
+IMAGE_MODELS = {"lenet": 16, "convnet": 8, "resnet20": 1, "resnet110": 1, "resnet18": 1}  # name → least H, W
 
 __all__ = ["MODEL_NAMES", "ModelSpec", "build_model", "check_fits", "count_parameters"]
 
@@ -152,13 +152,15 @@ def first_tensor(model: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def check_fits(model: nn.Module, input_shape: tuple[int, ...], num_outputs: int, device=None) -> None:
+def check_fits(model: nn.Module, input_shape: tuple[int, ...], num_outputs: int, device=None,
+               *, label: str | None = None) -> None:
     """One dry forward of a (2, *input_shape) batch of zeros, in eval mode, without gradients.
 
     Raises FlatcliError when the forward fails or its output is not of shape (2, num_outputs). Each
     submodule's train/eval mode is restored afterwards. ``device=None`` uses the model's own device.
+    ``label`` names the model in messages (e.g. ``spec.name``); by default its class name.
     """
-    label = type(model).__name__
+    label = label or type(model).__name__
     shape = tuple(int(s) for s in input_shape)
     ref = first_tensor(model)
     device = torch.device(device) if device is not None else (ref.device if ref is not None else None)

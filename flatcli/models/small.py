@@ -40,7 +40,8 @@ class LeNet(nn.Module):
 
     ReLU follows each convolution and the fc 500 layer (Caffe's original has it after fc 500 only; the
     ReLUs after the convolutions are the common PyTorch form and change no parameter count). The size of the
-    flattened features is computed from the input shape: 50·4·4 = 800 for 28x28, 50·5·5 = 1250 for 32x32.
+    flattened features is computed from the input shape: 50·4·4 = 800 for 28x28, 50·5·5 = 1250 for 32x32;
+    images need at least 16x16 (16 → 12 → 6 → 2 → 1).
     """
 
     def __init__(self, channels: int, height: int, width: int, num_outputs: int):
