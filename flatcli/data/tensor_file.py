@@ -1,0 +1,102 @@
+"""A data set stored as a file of named tensors: .npz, .safetensors, or .pt (loaded with weights_only).
+
+Keys: ``x`` (n, *input_shape) and ``y`` (n,), optionally ``x_test`` and ``y_test`` (both or neither).
+Integer ``y`` are class labels (num_classes = max label + 1 over train and test); floating ``y`` are
+regression targets, (n,) or (n, k). uint8 ``x`` of shape (n, C, H, W) are images, normalized per channel
+with the mean/std of the training images; any other ``x`` becomes float32 features, used as stored
+(a 1-D ``x`` is read as (n, 1)). No file is ever unpickled beyond tensors.
+"""
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flatcli.data.core import Split, channel_stats
+from flatcli.errors import FlatcliError
+
+KEYS = ("x", "y", "x_test", "y_test")
+EXPECTED = "keys x, y and optionally x_test, y_test (x: (n, ...) numbers, y: (n,) integer labels or " \
+           "(n,)/(n, k) float targets)"
+
+
+def read_tensors(path: str) -> dict[str, Tensor]:
+    """The named tensors in ``path``, on the CPU; unreadable or non-tensor content is a FlatcliError."""
+    if not os.path.isfile(path):
+        raise FlatcliError(f"data file {path!r} does not exist", "check the path")
+    try:
+        if path.lower().endswith(".npz"):
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+            return {k: numpy_tensor(k, a, path) for k, a in arrays.items()}
+        if path.lower().endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path, device="cpu")
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except FlatcliError:
+        raise
+    except Exception as e:  # any parse failure means a corrupt file or content that is not plain tensors
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FlatcliError(f"cannot read data file {path!r} ({reason})",
+                           f"write it again with {EXPECTED}, tensors only") from None
+    if not isinstance(content, dict) or not all(isinstance(v, Tensor) for v in content.values()):
+        raise FlatcliError(f"data file {path!r} holds a {type(content).__name__}, not a dict of tensors",
+                           f"save a dict with {EXPECTED}")
+    return content
+
+
+def numpy_tensor(key: str, a: np.ndarray, path: str) -> Tensor:
+    if a.dtype.kind not in "biuf":
+        raise FlatcliError(f"{key!r} in {path!r} has dtype {a.dtype}, not numbers", f"store {EXPECTED}")
+    return torch.as_tensor(np.ascontiguousarray(a))
+
+
+def tensor_file_splits(path: str) -> tuple[Split, Split | None, int | None]:
+    """(train, test or None, num_classes or None for regression) of a tensor file."""
+    t = read_tensors(path)
+    missing = [k for k in ("x", "y") if k not in t]
+    unknown = sorted(set(t) - set(KEYS))
+    if missing or unknown or (("x_test" in t) != ("y_test" in t)):
+        problem = (f"missing {missing}" if missing else f"unexpected keys {unknown}" if unknown
+                   else "only one of x_test, y_test")
+        raise FlatcliError(f"data file {path!r} has keys {sorted(t)}: {problem}", f"store {EXPECTED}")
+    train = make_split(t["x"], t["y"], "x", "y", path)
+    test = make_split(t["x_test"], t["y_test"], "x_test", "y_test", path) if "x_test" in t else None
+    if test is not None:
+        check_alike(train, test, path)
+    if train.x.dtype == torch.uint8:
+        mean, std = channel_stats(train.x)
+        train.mean, train.std = mean, std
+        if test is not None:
+            test.mean, test.std = mean, std
+    if train.y.is_floating_point():
+        return train, test, None
+    top = max(int(s.y.max()) for s in (train, test) if s is not None)
+    return train, test, top + 1
+
+
+def make_split(x: Tensor, y: Tensor, xk: str, yk: str, path: str) -> Split:
+    """Checked, converted tensors: uint8 (n, C, H, W) images or float32 x; int64 labels or float32 targets y."""
+    if x.is_complex() or y.is_complex():
+        raise FlatcliError(f"{xk!r}/{yk!r} in {path!r} hold complex numbers", f"store {EXPECTED}")
+    if x.ndim == 0 or y.ndim not in (1, 2) or len(x) != len(y) or len(x) == 0:
+        raise FlatcliError(f"{xk!r} {tuple(x.shape)} and {yk!r} {tuple(y.shape)} in {path!r} do not match",
+                           f"store {EXPECTED}, with as many rows in y as in x, at least one")
+    if not (x.dtype == torch.uint8 and x.ndim == 4):
+        x = x.float().reshape(len(x), -1) if x.ndim == 1 else x.float()
+    if y.is_floating_point():
+        return Split(x, y.float())
+    if y.ndim != 1 or int(y.min()) < 0:
+        raise FlatcliError(f"{yk!r} in {path!r} holds integers of shape {tuple(y.shape)} (min {int(y.min())})",
+                           "integer y are class labels: store them as (n,) with values 0..K-1")
+    return Split(x, y.long())
+
+
+def check_alike(train: Split, test: Split, path: str) -> None:
+    """The test split must have the train split's example shape, x type and kind of target."""
+    if (train.x.shape[1:] != test.x.shape[1:] or train.x.dtype != test.x.dtype
+            or train.y.dtype != test.y.dtype or train.y.shape[1:] != test.y.shape[1:]):
+        raise FlatcliError(f"test data in {path!r} (x_test {tuple(test.x.shape)} {test.x.dtype}, y_test "
+                           f"{tuple(test.y.shape)} {test.y.dtype}) do not match the training data (x "
+                           f"{tuple(train.x.shape)} {train.x.dtype}, y {tuple(train.y.shape)} {train.y.dtype})",
+                           "store x_test, y_test with the same shapes per example and types as x, y")
