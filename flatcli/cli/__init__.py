@@ -1,0 +1,33 @@
+"""The command line: parse, call the library, render. ``flatcli --help`` lists the commands."""
+from typing import Annotated
+
+import typer
+
+import flatcli
+from flatcli.cli.common import FlatcliGroup
+from flatcli.cli.info import info
+from flatcli.cli.train import train
+
+app = typer.Typer(cls=FlatcliGroup, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Train networks with SGD, Entropy-SGD and replicated SGD, and measure how flat their minima are.")
+
+
+def version_callback(value: bool):
+    if value:
+        typer.echo(f"flatcli {flatcli.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
+                                               help="Print the version and exit.")] = False):
+    """flatcli: flatness of neural-network minima (local energy, local entropy) and entropic training."""
+
+
+app.command()(train)
+app.command()(info)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,138 @@
+"""What every command shares: the consoles, the one-line error boundary, option types and output writers."""
+import enum
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from flatcli.errors import FlatcliError
+from flatcli.io import atomic_path, check_writable_dir
+
+
+def stderr_console() -> Console:
+    """The human view (tables, progress, notes) always goes to stderr; stdout carries data only."""
+    return Console(stderr=True)
+
+
+def print_error(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+
+
+def _click_exceptions():
+    """Typer >= 0.22 vendors its own click; older Typer uses the click package. Catch both."""
+    modules = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            modules.append(__import__(name, fromlist=["UsageError"]))
+        except ImportError:
+            pass
+    aborts = {typer.Abort, *(m.Abort for m in modules if hasattr(m, "Abort"))}
+    return tuple(m.UsageError for m in modules), tuple(m.ClickException for m in modules), tuple(aborts)
+
+
+USAGE_ERRORS, CLICK_ERRORS, ABORTS = _click_exceptions()
+
+
+def describe_usage_error(error, args) -> str:
+    """Click's message, with the value the user gave when the error concerns one option."""
+    param = getattr(error, "param", None)
+    args = list(sys.argv[1:] if args is None else args)
+    for opt in getattr(param, "opts", None) or []:
+        for i in reversed(range(len(args))):  # the last occurrence is the one that counts
+            arg = args[i]
+            if arg == opt and i + 1 < len(args) and opt.startswith("-"):
+                return f"{opt} {args[i + 1]}: {error.message}"
+            if arg.startswith(opt + "="):
+                return f"{opt} {arg[len(opt) + 1:]}: {error.message}"
+    return error.format_message()
+
+
+class FlatcliGroup(TyperGroup):
+    """Catches user mistakes once, at the boundary: one line on stderr, exit 2, no traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "flatcli", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except FlatcliError as e:
+            print_error(str(e))
+            sys.exit(2)
+        except USAGE_ERRORS as e:
+            command = " ".join(["flatcli", *e.ctx.command_path.split()[1:]]) if e.ctx else "flatcli"
+            print_error(f"{describe_usage_error(e, args)} — see '{command} --help'")
+            sys.exit(e.exit_code)
+        except CLICK_ERRORS as e:
+            print_error(e.format_message())
+            sys.exit(e.exit_code)
+        except ABORTS:
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random draw; the same seed gives the same result.")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", help="Architecture: linear, mlp, lenet, convnet, resnet20, resnet110, resnet18, tv:NAME "
+                    "(any torchvision model) or module:function (your own factory).")]
+WidthOpt = Annotated[int, typer.Option("--width", min=1, help="Hidden width of the mlp.")]
+DepthOpt = Annotated[int, typer.Option("--depth", min=1, help="Hidden layers of the mlp.")]
+DataOpt = Annotated[Optional[str], typer.Option(
+    "--data", help="teacher (synthetic, embedded), mnist, fashion-mnist, cifar10, cifar100, imagefolder:PATH, "
+                   "or a tensors file (.npz, .safetensors, .pt with x, y[, x_test, y_test]).")]
+DataDirOpt = Annotated[Path, typer.Option("--data-dir", help="Where torchvision data sets are stored or downloaded.")]
+TrustPickleOpt = Annotated[bool, typer.Option(
+    "--trust-pickle", help="Allow loading a whole pickled model. Unpickling runs code from the file: only for files you trust.")]
+ReplicaOpt = Annotated[str, typer.Option(
+    "--replica", help="For rSGD runs: measure the center (default) or replica N.")]
+
+
+class Loss(str, enum.Enum):
+    cross_entropy = "cross-entropy"
+    mse = "mse"
+
+
+def parse_replica(value: str):
+    if value == "center":
+        return None
+    try:
+        index = int(value)
+    except ValueError:
+        raise FlatcliError(f"--replica {value!r} is not 'center' or a number", "use center or a replica index") from None
+    if index < 0:
+        raise FlatcliError(f"--replica {value!r} is negative", "use center or a replica index from 0")
+    return index
+
+
+def check_output_target(path: Optional[str], option: str) -> None:
+    """Fail before any work when an output file cannot be written (``-`` is stdout)."""
+    if path is not None and path != "-":
+        parent = Path(path).parent
+        if not parent.is_dir():
+            raise FlatcliError(f"{option} {path!r}: folder {str(parent)!r} does not exist", "create it first or pick another path")
+        check_writable_dir(parent, what=f"{option} {path!r}")
+
+
+def write_output(path: Optional[str], text: str) -> None:
+    """Write data to stdout (``-``) or atomically to a file."""
+    if path is None:
+        return
+    if path == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def to_json(obj) -> str:
+    def default(o):
+        if isinstance(o, Path):
+            return str(o)
+        if isinstance(o, enum.Enum):
+            return o.value
+        return repr(o)
+    return json.dumps(obj, indent=2, default=default, allow_nan=True) + "\n"

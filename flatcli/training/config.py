@@ -1,0 +1,78 @@
+"""Every training hyper-parameter in one place, with units, defaults and validation."""
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from flatcli.errors import FlatcliError
+from flatcli.losses import check_loss
+
+ALGOS = ("sgd", "esgd", "rsgd")
+SCHEDULES = ("constant", "cosine", "step")
+
+
+@dataclass
+class TrainConfig:
+    algo: str = "sgd"
+    epochs: int = 10                # budget: an epoch is n/B minibatch gradients per model (replica)
+    steps: int | None = None        # stop after this many optimizer steps (outer steps for eSGD)
+    batch_size: int = 64            # examples per minibatch
+    lr: float = 0.1                 # SGD lr; eSGD outer lr η; rSGD lr η
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"   # constant | cosine (to 0 over the run) | step (× lr_decay at each milestone)
+    milestones: list[int] = field(default_factory=list)  # epochs at which the step schedule decays
+    lr_decay: float = 0.1
+    seed: int = 0
+    loss: str = "cross-entropy"
+    augment: bool = True            # random crop + flip, for image data only
+    amp: bool = False               # bf16 autocast where the device supports it
+    # Entropy-SGD (MATH.md §3)
+    langevin_steps: int = 5         # L: minibatch gradients per outer step
+    langevin_lr: float = 0.1        # η'
+    noise: float = 1e-4             # ε: the Langevin step adds sqrt(η') ε ξ
+    alpha: float = 0.75             # α: averaging of μ
+    gamma: float = 0.03             # γ_0: coupling (eSGD and rSGD)
+    gamma_growth: float = 1e-3      # γ_1: scoping γ_t = γ_0 (1 + γ_1)^t
+    # replicated SGD (MATH.md §4)
+    replicas: int = 3               # y
+    coupling_every: int = 1         # K
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def validate(self) -> "TrainConfig":
+        def bad(name, value, fix):
+            raise FlatcliError(f"--{name.replace('_', '-')} {value!r} is invalid", fix)
+
+        if self.algo not in ALGOS:
+            bad("algo", self.algo, f"use one of: {', '.join(ALGOS)}")
+        if self.lr_schedule not in SCHEDULES:
+            bad("lr_schedule", self.lr_schedule, f"use one of: {', '.join(SCHEDULES)}")
+        check_loss(self.loss)
+        for name in ("epochs", "batch_size", "langevin_steps", "coupling_every"):
+            if getattr(self, name) < 1:
+                bad(name, getattr(self, name), "use a positive integer")
+        if self.steps is not None and self.steps < 1:
+            bad("steps", self.steps, "use a positive integer")
+        if self.replicas < 2:
+            bad("replicas", self.replicas, "rSGD needs at least 2 replicas")
+        for name in ("lr", "langevin_lr"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                bad(name, value, "use a finite positive learning rate")
+        for name in ("momentum", "weight_decay", "noise", "gamma", "gamma_growth", "lr_decay"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                bad(name, value, "use a finite value >= 0")
+        if not 0 <= self.alpha < 1:
+            bad("alpha", self.alpha, "use a value in [0, 1)")
+        if self.nesterov and self.momentum <= 0:
+            bad("nesterov", self.nesterov, "Nesterov needs --momentum > 0")
+        if any(m < 1 for m in self.milestones):
+            bad("milestones", self.milestones, "use positive epoch numbers, e.g. 30,60")
+        return self

@@ -1,0 +1,266 @@
+"""The training loop: steps, evaluation, self-describing checkpoints, exact resume, interruption, divergence."""
+import csv
+import io
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import flatcli
+from flatcli import checkpoint as ckpt
+from flatcli.data import Data, DataSpec, Split, augment_batch, load_data
+from flatcli.devices import autocast
+from flatcli.errors import FlatcliError
+from flatcli.io import make_run_dir, write_text_atomic
+from flatcli.losses import evaluate
+from flatcli.models import ModelSpec, build_model, check_fits
+from flatcli.training.algorithms import STEPPERS
+from flatcli.training.batches import BatchStream, mix_seed, scheduled_lr
+from flatcli.training.config import TrainConfig
+
+EVAL_BATCH = 1024   # examples per forward pass when evaluating: fixed, so recorded metrics are reproducible
+SYNC_EVERY = 20     # steps between host syncs (progress display and the non-finite loss check)
+
+
+class Interrupted(Exception):
+    """Training stopped on request (Ctrl-C) after saving a resumable state."""
+
+    def __init__(self, step: int, out: Path | None):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.out = step, out
+
+
+def split_batches(split: Split, batch_size: int = EVAL_BATCH):
+    for start in range(0, len(split), batch_size):
+        yield split.batch(torch.arange(start, min(start + batch_size, len(split))))
+
+
+def evaluate_model(model, split: Split | None, loss: str, amp: bool = False) -> tuple[float, float]:
+    """Mean loss and 0-1 error on a split, in eval mode (the model's mode is restored)."""
+    if split is None:
+        return math.nan, math.nan
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        def forward(x):
+            with autocast(device, amp):
+                return model(x)
+        return evaluate(model, split_batches(split), loss, forward=forward)
+    finally:
+        model.train(was_training)
+
+
+class Trainer:
+    """Trains ``cfg.algo`` on ``data``; writes a run folder under ``out`` (when given) every epoch."""
+
+    def __init__(self, cfg: TrainConfig, data: Data, model_spec: ModelSpec, device: torch.device,
+                 out: str | Path | None = None, init_state: dict | None = None, init_source=None):
+        self.cfg, self.data, self.model_spec, self.device = cfg.validate(), data, model_spec, device
+        self.out = make_run_dir(out) if out is not None else None
+        self.train_split = data.train.to(device)
+        self.test_split = data.test.to(device) if data.test is not None else None
+        torch.manual_seed(cfg.seed)  # replicas draw their independent initializations in turn
+        count = cfg.replicas if cfg.algo == "rsgd" else 1
+        self.models = [build_model(model_spec, data.input_shape, data.num_outputs) for _ in range(count)]
+        check_fits(self.models[0], data.input_shape, data.num_outputs)
+        for m in self.models:
+            if init_state is not None:
+                ckpt.load_into(m, init_state, init_source)
+            m.to(device).train()
+        self.streams = [BatchStream(len(self.train_split), cfg.batch_size, cfg.seed, a) for a in range(count)]
+        self.stepper = STEPPERS[cfg.algo](self.models, cfg, self.next_batch, device)
+        self.step = self.epoch = self.epoch_step = 0
+        self.rows: list[dict] = []
+        self.seconds = 0.0
+        self.metrics: dict = {}
+        self._reset_running()
+
+    # -- data ---------------------------------------------------------------------------------
+    def next_batch(self, stream: int):
+        s = self.streams[stream]
+        idx = s.next()
+        x, y = self.train_split.batch(idx)
+        if self.cfg.augment and self.data.images:
+            g = torch.Generator(device=x.device).manual_seed(mix_seed(self.cfg.seed, 7, stream, s.epoch, s.index))
+            x = augment_batch(x, g)
+        return x, y
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.streams[0].batches_per_epoch // self.stepper.gradients_per_step)
+
+    @property
+    def total_steps(self) -> int:
+        total = self.cfg.epochs * self.steps_per_epoch
+        return min(total, self.cfg.steps) if self.cfg.steps else total
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _reset_running(self):
+        zero = torch.zeros((), device=self.device)
+        self.running = [zero.clone(), zero.clone(), 0]
+        self.window: list[torch.Tensor] = []
+
+    def _check_finite(self):
+        if not self.window:
+            return
+        losses = torch.stack(self.window)
+        bad = (~torch.isfinite(losses)).nonzero()
+        first_step = self.step - len(self.window) + 1
+        self.window = []
+        if len(bad):
+            step = first_step + int(bad[0])
+            where = f"; the last good checkpoint is in {self.out}" if self.out else ""
+            raise FlatcliError(f"the training loss became {float(losses[bad[0]])} at step {step}{where}",
+                               f"use a smaller learning rate than --lr {self.cfg.lr:g}")
+
+    def _set_lr(self):
+        cfg = self.cfg
+        lr = scheduled_lr(cfg.lr, cfg.lr_schedule, self.step / self.total_steps, self.epoch, cfg.milestones, cfg.lr_decay)
+        for group in self.stepper.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def run(self, progress=None, should_stop=lambda: False) -> dict:
+        """Train to the end of the budget; ``progress(event, info)`` hears "start", "step" and "epoch" events."""
+        progress = progress or (lambda event, info: None)
+        progress("start", {"total": self.total_steps, "done": self.step})
+        if self.out is not None and self.step == 0:
+            self.save(complete=False)  # a last good checkpoint exists even if the first epoch diverges
+        tick = time.perf_counter()
+        while self.step < self.total_steps:
+            self._set_lr()
+            loss_sum, err_sum, n = self.stepper.step()
+            self.running = [self.running[0] + loss_sum, self.running[1] + err_sum, self.running[2] + n]
+            self.window.append(loss_sum)
+            self.step, self.epoch_step = self.step + 1, self.epoch_step + 1
+            end_of_epoch = self.epoch_step == self.steps_per_epoch
+            if self.step % SYNC_EVERY == 0 or end_of_epoch or self.step == self.total_steps:
+                self._check_finite()
+                progress("step", {"step": self.step, "epoch": self.epoch, **self._running_means()})
+            if end_of_epoch:
+                self.seconds += time.perf_counter() - tick
+                self._end_epoch(progress)
+                tick = time.perf_counter()
+            elif should_stop():
+                self._check_finite()
+                self.seconds += time.perf_counter() - tick
+                if self.out is not None:
+                    self.save(complete=False)
+                raise Interrupted(self.step, self.out)
+        self.seconds += time.perf_counter() - tick
+        model = self.stepper.report_model()
+        train = evaluate_model(model, self.data.train.to(self.device), self.cfg.loss, self.cfg.amp)
+        test = evaluate_model(model, self.test_split, self.cfg.loss, self.cfg.amp)
+        self.metrics = {"train_loss": train[0], "train_error": train[1], "test_loss": test[0], "test_error": test[1]}
+        if self.out is not None:
+            self.save(complete=True)
+        return self.metrics
+
+    def _running_means(self) -> dict:
+        loss_sum, err_sum, n = self.running
+        return {"loss": float(loss_sum) / max(n, 1), "error": float(err_sum) / max(n, 1)}
+
+    def _end_epoch(self, progress):
+        cfg, model = self.cfg, self.stepper.report_model()
+        test = evaluate_model(model, self.test_split, cfg.loss, cfg.amp)
+        running = self._running_means()
+        row = {"epoch": self.epoch + 1, "step": self.step, "lr": self.stepper.optimizer.param_groups[0]["lr"],
+               "train_loss": running["loss"], "train_error": running["error"],
+               "test_loss": test[0], "test_error": test[1], "seconds": round(self.seconds, 3)}
+        if cfg.algo in ("esgd", "rsgd"):
+            row["gamma"] = cfg.gamma * (1 + cfg.gamma_growth) ** self.step
+        if cfg.algo == "rsgd":
+            row.update(self._replica_metrics(model, test[1]))
+        self.rows.append(row)
+        self.epoch, self.epoch_step = self.epoch + 1, 0
+        self._reset_running()
+        progress("epoch", row)
+        if self.out is not None:
+            self.save(complete=False)
+
+    def _replica_metrics(self, center, center_test_error: float) -> dict:
+        cfg = self.cfg
+        center_train = evaluate_model(center, self.train_split, cfg.loss, cfg.amp)
+        replica_test = [evaluate_model(m, self.test_split, cfg.loss, cfg.amp)[1] for m in self.models]
+        replica_train = [evaluate_model(m, self.train_split, cfg.loss, cfg.amp)[1] for m in self.models]
+        return {"replica_distance": self.stepper.replica_distance(),
+                "center_train_error": center_train[1], "center_test_error": center_test_error,
+                "replicas_train_error": sum(replica_train) / len(replica_train),
+                "replicas_test_error": sum(replica_test) / len(replica_test)}
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def metadata(self, complete: bool) -> dict:
+        cfg = self.cfg
+        return {"format": "flatcli-run", "version": flatcli.__version__, "model": self.model_spec.to_dict(),
+                "data": self.data.spec.to_dict(), "input_shape": list(self.data.input_shape),
+                "num_outputs": self.data.num_outputs, "num_classes": self.data.num_classes,
+                "loss": cfg.loss, "algo": cfg.algo, "hyper": cfg.to_dict(), "seed": cfg.seed,
+                "epoch": self.epoch, "step": self.step, "complete": complete,
+                "replicas": len(self.models) if cfg.algo == "rsgd" else 0,
+                "parameters": sum(p.numel() for p in self.models[0].parameters()), "metrics": self.metrics}
+
+    def save(self, complete: bool) -> None:
+        out, meta = self.out, self.metadata(complete)
+        if self.cfg.algo == "rsgd":
+            replicas = {f"{a}.{k}": v for a, m in enumerate(self.models) for k, v in m.state_dict().items()}
+            ckpt.save_weights(out / ckpt.REPLICAS, replicas)
+        ckpt.save_weights(out / ckpt.WEIGHTS, self.stepper.report_model().state_dict(), meta)
+        ckpt.save_torch(out / ckpt.STATE, {
+            "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "seconds": self.seconds,
+            "optimizer": self.stepper.optimizer.state_dict(), "streams": [s.state() for s in self.streams],
+            "running": [float(self.running[0]), float(self.running[1]), int(self.running[2])],
+            "extra": self.stepper.extra_state()})
+        write_text_atomic(out / ckpt.METRICS, rows_to_csv(self.rows))
+
+    @classmethod
+    def resume(cls, run: str | Path, device: torch.device, epochs: int | None = None,
+               steps: int | None = None) -> "Trainer":
+        """Rebuild a trainer from a run folder, exactly where it stopped."""
+        raw = ckpt.read_checkpoint(run)
+        run = Path(raw.path)
+        if raw.meta is None or raw.meta.get("format") != "flatcli-run" or not (run / ckpt.STATE).is_file():
+            raise FlatcliError(f"{str(run)!r} is not a resumable flatcli run folder", "pass the --out folder of a run")
+        meta = raw.meta
+        cfg = TrainConfig.from_dict(meta["hyper"])
+        cfg.epochs = epochs or cfg.epochs
+        cfg.steps = steps if steps is not None else cfg.steps
+        data = load_data(DataSpec.from_dict(meta["data"]))
+        self = cls(cfg, data, ModelSpec.from_dict(meta["model"]), device, out=run)
+        state = ckpt.load_torch_state(run / ckpt.STATE)
+        if state["step"] != meta["step"]:
+            raise FlatcliError(f"{str(run)!r} has weights and training state of different steps", "start a fresh run")
+        if cfg.algo == "rsgd":
+            for a, m in enumerate(self.models):
+                ckpt.load_into(m, ckpt.replica_state(raw, a), run)
+        else:
+            ckpt.load_into(self.models[0], raw.state_dict, run)
+        self.stepper.optimizer.load_state_dict(state["optimizer"])
+        for s, pos in zip(self.streams, state["streams"]):
+            s.load_state(pos)
+        self.stepper.load_extra_state(state["extra"])
+        self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
+        self.seconds = state["seconds"]
+        loss_sum, err_sum, n = state["running"]
+        self.running = [torch.tensor(loss_sum, device=device), torch.tensor(err_sum, device=device), n]
+        self.rows = read_metrics(run / ckpt.METRICS)
+        return self
+
+
+def rows_to_csv(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file() or not path.read_text().strip():
+        return []
+    with open(path, newline="") as f:
+        return [{k: (float(v) if k not in ("epoch", "step") else int(v)) if v not in ("", "None") else None
+                 for k, v in row.items()} for row in csv.DictReader(f)]
