@@ -12,11 +12,11 @@ import os
 from flatcli.data.augment import augment_batch
 from flatcli.data.core import (DATA_NAMES, IMAGEFOLDER_PREFIX, TENSOR_SUFFIXES, Data, DataSpec, Split,
                                channel_stats, check_spec, make_data)
+from flatcli.data.teacher import NUM_CLASSES as TEACHER_CLASSES
 from flatcli.data.teacher import teacher_splits
 from flatcli.data.tensor_file import tensor_file_splits
 from flatcli.data.vision import TORCHVISION_SETS, imagefolder_splits, torchvision_splits
 from flatcli.errors import FlatcliError
-from flatcli.data.teacher import NUM_CLASSES as TEACHER_CLASSES
 
 __all__ = ["DATA_NAMES", "Data", "DataSpec", "Split", "augment_batch", "channel_stats", "load_data"]
 
