@@ -56,19 +56,20 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     assert not same_tensors(a, c)
 
 
-@pytest.mark.parametrize("algo", ["sgd"])
+@pytest.mark.parametrize("algo", ["sgd", "esgd", "rsgd"])
 def test_interrupt_then_resume_equals_uninterrupted(tmp_path, algo):
     from flatcli.data import DataSpec, load_data
     from flatcli.models import ModelSpec
     from flatcli.training import Interrupted, Trainer, TrainConfig
 
     data = load_data(DataSpec(n_train=256, n_test=64))
-    cfg = dict(algo=algo, epochs=3, batch_size=32, momentum=0.9, lr_schedule="cosine")
+    cfg = dict(algo=algo, epochs=3, batch_size=16, momentum=0.9, lr_schedule="cosine", langevin_steps=2,
+               noise=1e-3, gamma_growth=1e-2, coupling_every=2)
     full = Trainer(TrainConfig(**cfg), data, ModelSpec(width=16), torch.device("cpu"), out=tmp_path / "full")
     full.run()
     part = Trainer(TrainConfig(**cfg), data, ModelSpec(width=16), torch.device("cpu"), out=tmp_path / "part")
     with pytest.raises(Interrupted):
-        part.run(should_stop=lambda: part.step == 11)  # mid-epoch: 8 steps per epoch
+        part.run(should_stop=lambda: part.step == 11)  # mid-epoch: 8 steps per epoch (16 for sgd, rsgd)
     resumed = Trainer.resume(tmp_path / "part", torch.device("cpu"))
     assert resumed.step == 11
     resumed.run()

@@ -1,6 +1,7 @@
 """One optimizer step of each algorithm, with the minibatch plumbing around the optimizers in flatcli.optim.
 
-Each stepper's ``step()`` runs one optimizer step and returns device tensors
+``minibatches_per_step`` is how many minibatches each model (each replica) draws in one step, which
+fixes how many steps make an epoch. Each stepper's ``step()`` runs one optimizer step and returns device tensors
 ``(loss_sum, error_sum, examples)`` over the minibatches it used, without a host sync.
 """
 import copy
@@ -25,7 +26,7 @@ def forward_backward(model, x, y, loss: str, amp: bool):
 
 
 class SGDStepper:
-    gradients_per_step = 1
+    minibatches_per_step = 1
 
     def __init__(self, models, cfg: TrainConfig, batch: BatchFn, device):
         self.model, self.cfg, self.batch = models[0], cfg, batch
@@ -56,7 +57,7 @@ class ESGDStepper(SGDStepper):
         from flatcli.optim import EntropySGD
 
         self.model, self.cfg, self.batch = models[0], cfg, batch
-        self.gradients_per_step = cfg.langevin_steps
+        self.minibatches_per_step = cfg.langevin_steps
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.optimizer = EntropySGD(self.model.parameters(), lr=cfg.lr, langevin_lr=cfg.langevin_lr,
                                     langevin_steps=cfg.langevin_steps, gamma=cfg.gamma,
@@ -91,7 +92,6 @@ class RSGDStepper(SGDStepper):
         from flatcli.optim import ReplicatedSGD
 
         self.models, self.cfg, self.batch = models, cfg, batch
-        self.gradients_per_step = len(models)
         self.optimizer = ReplicatedSGD([m.parameters() for m in models], lr=cfg.lr, coupling=cfg.gamma,
                                        coupling_every=cfg.coupling_every, gamma_growth=cfg.gamma_growth,
                                        momentum=cfg.momentum, nesterov=cfg.nesterov,

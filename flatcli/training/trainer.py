@@ -89,7 +89,7 @@ class Trainer:
 
     @property
     def steps_per_epoch(self) -> int:
-        return max(1, self.streams[0].batches_per_epoch // self.stepper.gradients_per_step)
+        return max(1, self.streams[0].batches_per_epoch // self.stepper.minibatches_per_step)
 
     @property
     def total_steps(self) -> int:
@@ -170,7 +170,7 @@ class Trainer:
                "train_loss": running["loss"], "train_error": running["error"],
                "test_loss": test[0], "test_error": test[1], "seconds": round(self.seconds, 3)}
         if cfg.algo in ("esgd", "rsgd"):
-            row["gamma"] = cfg.gamma * (1 + cfg.gamma_growth) ** self.step
+            row["gamma"] = self.stepper.optimizer.current_gamma  # γ of the coming step, after scoping
         if cfg.algo == "rsgd":
             row.update(self._replica_metrics(model, test[1]))
         self.rows.append(row)
