@@ -10,7 +10,7 @@ in .npz, .safetensors or .pt (see ``flatcli.data.tensor_file``).
 import os
 
 from flatcli.data.augment import augment_batch
-from flatcli.data.core import (DATA_NAMES, IMAGEFOLDER_PREFIX, TENSOR_SUFFIXES, Data, DataSpec, Split,
+from flatcli.data.core import (DATA_NAMES, IMAGEFOLDER_PREFIX, TENSOR_SUFFIXES, Data, DataSpec, Split, absolute,
                                channel_stats, check_spec, make_data)
 from flatcli.data.teacher import NUM_CLASSES as TEACHER_CLASSES
 from flatcli.data.teacher import teacher_splits
@@ -31,7 +31,7 @@ def load_data(spec: DataSpec, *, download: bool = True) -> Data:
         train, test = teacher_splits(spec)
         return make_data(spec, train, test, TEACHER_CLASSES)
     if name in TORCHVISION_SETS:
-        train, test, classes = torchvision_splits(name, os.path.expanduser(spec.data_dir), download)
+        train, test, classes = torchvision_splits(name, absolute(spec.data_dir), download)
     elif name.startswith(IMAGEFOLDER_PREFIX):
         train, test, classes = imagefolder_splits(os.path.expanduser(name[len(IMAGEFOLDER_PREFIX):]))
     elif name.lower().endswith(TENSOR_SUFFIXES):
