@@ -83,7 +83,7 @@ def main():
         sgd = median_time(lambda: flatcli_run(data, spec, base), args.repeats)
         print(f"{name:<24}{'sgd':<7}{n / sgd:>12.0f}{n / hand:>12.0f}{hand / sgd:>8.2f}")
         for algo, work in (("esgd", 1), ("rsgd", TrainConfig().replicas)):
-            cfg = TrainConfig(**{**base.to_dict(), "algo": algo})
+            cfg = TrainConfig(**{**base.to_dict(), "algo": algo, "lr": None})
             t = median_time(lambda: flatcli_run(data, spec, cfg), args.repeats)
             print(f"{name:<24}{algo:<7}{'':>12}{'':>12}{t / (sgd * work):>8.2f}  "
                   f"(epoch cost / (SGD epoch × {work}); target ≤ 1.1)")

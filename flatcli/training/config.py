@@ -7,6 +7,8 @@ from flatcli.losses import check_loss
 
 ALGOS = ("sgd", "esgd", "rsgd")
 SCHEDULES = ("constant", "cosine", "step")
+# eSGD's outer step w ← w − η (w − μ) moves w to μ at η = 1; the inner Langevin rate η' plays SGD's part.
+DEFAULT_LR = {"sgd": 0.1, "esgd": 1.0, "rsgd": 0.1}
 
 
 @dataclass
@@ -15,7 +17,7 @@ class TrainConfig:
     epochs: int = 10                # budget: an epoch is n/B minibatch gradients per model (replica)
     steps: int | None = None        # stop after this many optimizer steps (outer steps for eSGD)
     batch_size: int = 64            # examples per minibatch
-    lr: float = 0.1                 # SGD lr; eSGD outer lr η; rSGD lr η
+    lr: float | None = None         # SGD lr; eSGD outer lr η; rSGD lr η. None: DEFAULT_LR[algo]
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
@@ -27,12 +29,12 @@ class TrainConfig:
     augment: bool = True            # random crop + flip, for image data only
     amp: bool = False               # bf16 autocast where the device supports it
     # Entropy-SGD (MATH.md §3)
-    langevin_steps: int = 5         # L: minibatch gradients per outer step
-    langevin_lr: float = 0.1        # η'
+    langevin_steps: int = 2         # L: minibatch gradients per outer step
+    langevin_lr: float = 0.25       # η'
     noise: float = 1e-4             # ε: the Langevin step adds sqrt(η') ε ξ
     alpha: float = 0.75             # α: averaging of μ
-    gamma: float = 0.03             # γ_0: coupling (eSGD and rSGD)
-    gamma_growth: float = 1e-3      # γ_1: scoping γ_t = γ_0 (1 + γ_1)^t
+    gamma: float = 0.1              # γ_0: coupling (eSGD and rSGD)
+    gamma_growth: float = 0.0       # γ_1: scoping γ_t = γ_0 (1 + γ_1)^t, t in optimizer steps
     # replicated SGD (MATH.md §4)
     replicas: int = 3               # y
     coupling_every: int = 1         # K
@@ -54,6 +56,8 @@ class TrainConfig:
         if self.lr_schedule not in SCHEDULES:
             bad("lr_schedule", self.lr_schedule, f"use one of: {', '.join(SCHEDULES)}")
         check_loss(self.loss)
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.algo]
         for name in ("epochs", "batch_size", "langevin_steps", "coupling_every"):
             if getattr(self, name) < 1:
                 bad(name, getattr(self, name), "use a positive integer")
