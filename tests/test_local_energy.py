@@ -157,6 +157,8 @@ def test_exact_restoration(bn):
     assert [m.training for m in net.modules()] == modes and net[1].momentum == 0.1
     net.eval()
     assert evaluate(net, tensor_batches(x, y, 100)) == loss_before
+    F.cross_entropy(net(x), y).backward()  # the model still trains: no inference tensors left behind
+    assert all(p.grad is not None for p in net.parameters())
 
 
 def test_sigma_zero_is_the_unperturbed_value_and_costs_no_draws():

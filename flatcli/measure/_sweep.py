@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from flatcli.errors import FlatcliError
-from flatcli.losses import per_example_error, per_example_loss, tensor_batches
+from flatcli.losses import batch_sums, per_example_error, per_example_loss, tensor_batches
 
 
 def _is_tensor_pair(data) -> bool:
@@ -61,18 +61,24 @@ def draw_sums(forward, batches, loss: str, device: torch.device) -> tuple[torch.
 
     ``forward(x)`` returns outputs of shape (K, B, C). Batch sums are float32, their total float64 (not on MPS).
     """
-    parts, n = [], 0
+    losses, errors, n = [], [], 0
     for x, y in batches:
         out = forward(x)  # (K, B, C)
         k, b = out.shape[:2]
-        out, y = out.flatten(0, 1), y.expand(k, *y.shape).flatten(0, 1)  # (K·B, C), (K·B, ...)
-        parts.append(torch.stack([per_example_loss(out, y, loss).view(k, b).sum(1),
-                                  per_example_error(out, y).view(k, b).sum(1)], 1))  # (K, 2)
+        if k == 1:  # the common case, with no extra work per batch
+            l, e = batch_sums(out[0], y, loss)  # 0-d, 0-d
+        else:
+            out, yk = out.flatten(0, 1), y.expand(k, *y.shape).flatten(0, 1)  # (K·B, C), (K·B, ...)
+            l = per_example_loss(out, yk, loss).view(k, b).sum(1)  # (K,)
+            e = per_example_error(out, yk).view(k, b).sum(1)
+        losses.append(l)
+        errors.append(e)
         n += b
-    if not parts:
+    if not losses:
         return torch.zeros(1, 2, device=device), 0
     total = torch.float32 if device.type == "mps" else torch.float64
-    return torch.stack(parts).to(total).sum(0), n
+    sums = [torch.stack(parts).to(total).sum(0) for parts in (losses, errors)]
+    return torch.stack(sums, -1).view(-1, 2), n
 
 
 def vmap_forward(model: nn.Module, params: dict[str, torch.Tensor]):

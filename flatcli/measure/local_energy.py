@@ -4,7 +4,7 @@
 
 and the same with the loss L. M draws z_1..z_M, the SAME draws at every σ (common random numbers); draw k
 comes from ``draw_seed(seed, k)`` (see ``_perturb``). Cost: one unperturbed pass over the data, then
-(number of σ > 0) × M forward passes, nothing else.
+(number of σ > 0) × M forward passes (plus ``bn_batches`` batches each with bn="recompute"), nothing else.
 """
 import math
 from dataclasses import dataclass
