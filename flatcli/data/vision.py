@@ -2,6 +2,7 @@
 
 Each split is read whole into a uint8 tensor (n, C, H, W) from the torchvision dataset's ``.data`` and
 ``.targets`` (the dataset classes parse the idx files and pickled batches themselves); no DataLoader.
+torchvision is imported on first use, which keeps ``import flatcli`` (and the CLI's start) quick.
 """
 import contextlib
 import os
@@ -12,8 +13,6 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision import datasets
-from torchvision.transforms.functional import pil_to_tensor
 
 from flatcli.data.core import Split, channel_stats
 from flatcli.errors import FlatcliError
@@ -21,18 +20,18 @@ from flatcli.errors import FlatcliError
 
 @dataclass(frozen=True)
 class TorchvisionSet:
-    """A torchvision data set class and the usual per-channel statistics of its training images."""
-    cls: type
+    """A torchvision data set class (by name) and the usual per-channel statistics of its training images."""
+    cls_name: str
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
 
 TORCHVISION_SETS = {
-    "mnist": TorchvisionSet(datasets.MNIST, 10, (0.1307,), (0.3081,)),
-    "fashion-mnist": TorchvisionSet(datasets.FashionMNIST, 10, (0.2860,), (0.3530,)),
-    "cifar10": TorchvisionSet(datasets.CIFAR10, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": TorchvisionSet(datasets.CIFAR100, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "mnist": TorchvisionSet("MNIST", 10, (0.1307,), (0.3081,)),
+    "fashion-mnist": TorchvisionSet("FashionMNIST", 10, (0.2860,), (0.3530,)),
+    "cifar10": TorchvisionSet("CIFAR10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": TorchvisionSet("CIFAR100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 
 # What the dataset constructors raise for missing, corrupt or undownloadable files (URLError is an OSError).
@@ -42,6 +41,7 @@ READ_ERRORS = (RuntimeError, OSError, ValueError, TypeError, AssertionError, EOF
 
 def expected_files(cls: type, root: str) -> tuple[str, str]:
     """(the files torchvision reads, where to get them) for a data set class under ``root``."""
+    from torchvision import datasets
     if issubclass(cls, datasets.MNIST):
         folder = os.path.join(root, cls.__name__, "raw")
         names = [os.path.splitext(name)[0] for name, _ in cls.resources]
@@ -55,17 +55,19 @@ def expected_files(cls: type, root: str) -> tuple[str, str]:
 
 def torchvision_splits(name: str, root: str, download: bool) -> tuple[Split, Split, int]:
     """(train, test, num_classes) of a ``TORCHVISION_SETS`` entry stored (or to be downloaded) under ``root``."""
+    from torchvision import datasets
     tv = TORCHVISION_SETS[name]
+    cls = getattr(datasets, tv.cls_name)
     mean = torch.tensor(tv.mean).view(-1, 1, 1)
     std = torch.tensor(tv.std).view(-1, 1, 1)
     splits = []
     for train in (True, False):
         try:
             with contextlib.redirect_stdout(sys.stderr):  # torchvision announces downloads on stdout
-                ds = tv.cls(root, train=train, download=download)
+                ds = cls(root, train=train, download=download)
         except READ_ERRORS as e:
-            files, source = expected_files(tv.cls, root)
-            reason = f"download failed ({e})" if download else "downloading is off"
+            files, source = expected_files(cls, root)
+            reason = f"download failed ({' '.join(str(e).split())})" if download else "downloading is off"
             raise FlatcliError(f"{name} not found or corrupt: expected {files}; {reason}",
                                f"put those files there (from {source}), or allow the download") from None
         splits.append(Split(images_nchw(ds.data), torch.as_tensor(ds.targets, dtype=torch.int64), mean, std))
@@ -109,7 +111,9 @@ def imagefolder_splits(path: str) -> tuple[Split, Split, int]:
     return train, test, len(train_set.classes)
 
 
-def open_folder(root: str) -> datasets.ImageFolder:
+def open_folder(root: str):
+    """torchvision's ImageFolder over ``root``; no class folders or no images is a FlatcliError."""
+    from torchvision import datasets
     try:
         return datasets.ImageFolder(root)
     except (FileNotFoundError, ValueError) as e:
@@ -117,8 +121,9 @@ def open_folder(root: str) -> datasets.ImageFolder:
                            "put images (png, jpg, ...) in one subfolder per class") from None
 
 
-def read_images(ds: datasets.ImageFolder, size: tuple[int, int]) -> Tensor:
-    """All images of ``ds`` as uint8 (n, 3, H, W), resized to ``size`` = (W, H) where they differ."""
+def read_images(ds, size: tuple[int, int]) -> Tensor:
+    """All images of the ImageFolder ``ds`` as uint8 (n, 3, H, W), resized to ``size`` = (W, H) where they differ."""
+    from torchvision.transforms.functional import pil_to_tensor
     x = torch.empty((len(ds), 3, size[1], size[0]), dtype=torch.uint8)
     for i, (file, _) in enumerate(ds.samples):
         img = load_image(ds, file)
@@ -128,7 +133,7 @@ def read_images(ds: datasets.ImageFolder, size: tuple[int, int]) -> Tensor:
     return x
 
 
-def load_image(ds: datasets.ImageFolder, file: str) -> Image.Image:
+def load_image(ds, file: str) -> Image.Image:
     """One image of ``ds`` as RGB; an unreadable file is a FlatcliError naming it."""
     try:
         return ds.loader(file)
