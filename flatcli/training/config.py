@@ -3,12 +3,14 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from flatcli.errors import FlatcliError
+from flatcli.optim import entropy_sgd as esgd_defaults
+from flatcli.optim import replicated_sgd as rsgd_defaults
 from flatcli.losses import check_loss
 
 ALGOS = ("sgd", "esgd", "rsgd")
 SCHEDULES = ("constant", "cosine", "step")
 # eSGD's outer step w ← w − η (w − μ) moves w to μ at η = 1; the inner Langevin rate η' plays SGD's part.
-DEFAULT_LR = {"sgd": 0.1, "esgd": 1.0, "rsgd": 0.1}
+DEFAULT_LR = {"sgd": 0.1, "esgd": esgd_defaults.DEFAULT_LR, "rsgd": 0.1}
 
 
 @dataclass
@@ -29,15 +31,15 @@ class TrainConfig:
     augment: bool = True            # random crop + flip, for image data only
     amp: bool = False               # bf16 autocast where the device supports it
     # Entropy-SGD (MATH.md §3)
-    langevin_steps: int = 2         # L: minibatch gradients per outer step
-    langevin_lr: float = 0.25       # η'
-    noise: float = 1e-4             # ε: the Langevin step adds sqrt(η') ε ξ
-    alpha: float = 0.75             # α: averaging of μ
-    gamma: float = 0.1              # γ_0: coupling (eSGD and rSGD)
+    langevin_steps: int = esgd_defaults.DEFAULT_LANGEVIN_STEPS  # L: minibatch gradients per outer step
+    langevin_lr: float = esgd_defaults.DEFAULT_LANGEVIN_LR        # η'
+    noise: float = esgd_defaults.DEFAULT_NOISE                    # ε: the Langevin step adds sqrt(η') ε ξ
+    alpha: float = esgd_defaults.DEFAULT_ALPHA                    # α: averaging of μ
+    gamma: float = rsgd_defaults.DEFAULT_COUPLING                 # γ_0: coupling (eSGD and rSGD)
     gamma_growth: float = 0.0       # γ_1: scoping γ_t = γ_0 (1 + γ_1)^t, t in optimizer steps
     # replicated SGD (MATH.md §4)
     replicas: int = 3               # y
-    coupling_every: int = 1         # K
+    coupling_every: int = rsgd_defaults.DEFAULT_COUPLING_EVERY  # K
 
     def to_dict(self) -> dict:
         return asdict(self)
