@@ -143,3 +143,44 @@ def test_out_that_is_a_file(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert_user_error(invoke("train", "--steps", "1", "--out", blocker / "run", *TINY), "--out")
+
+
+@pytest.mark.parametrize("fixture", ["mnist_dir", "fashion_mnist_dir", "cifar10_dir", "cifar100_dir", "image_folder"])
+def test_every_image_source_trains(tmp_path, request, fixture):
+    images = request.getfixturevalue(fixture)
+    model = "lenet" if images.train_x.shape[-1] >= 16 else "resnet20"
+    out = tmp_path / "run"
+    result = invoke("train", "--data", images.name, "--data-dir", images.data_dir, "--model", model, "--width", "16",
+                    "--steps", "2", "--batch-size", "4", "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    meta = json.loads(invoke("info", out, "--evaluate", "--json").stdout)
+    assert meta["metadata"]["num_classes"] == images.num_classes
+    assert meta["evaluation"]["train_error"] == meta["metadata"]["metrics"]["train_error"]
+
+
+def test_torchvision_model_trains(tmp_path, cifar10_dir):
+    result = invoke("train", "--data", cifar10_dir.name, "--data-dir", cifar10_dir.data_dir, "--model", "tv:resnet18",
+                    "--steps", "2", "--batch-size", "4", "--out", tmp_path / "tv", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+
+
+FACTORY = '''
+import torch.nn as nn
+
+def small(num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(30, 16), nn.Tanh(), nn.Linear(16, num_classes))
+
+def two_outputs():
+    return nn.Sequential(nn.Flatten(), nn.Linear(30, 2))
+'''
+
+
+def test_module_function_factory_trains_and_measures(tmp_path, monkeypatch):
+    (tmp_path / "mynets.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("train", "--model", "mynets:small", "--steps", "3", "--out", "run", *TINY)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(invoke("info", "run", "--json").stdout)["metadata"]["model"]["name"] == "mynets:small"
+    # labels 0..9 of the teacher data do not fit a model with two outputs
+    assert_user_error(invoke("train", "--model", "mynets:two_outputs", "--steps", "1", "--out", "r2", *TINY),
+                      "out of range", "10 outputs")

@@ -182,6 +182,10 @@ def check_fits(model: nn.Module, input_shape: tuple[int, ...], num_outputs: int,
     if not isinstance(out, torch.Tensor):
         raise FlatcliError(f"model {label} returns a {type(out).__name__}, not a tensor of logits",
                            "make its forward return one tensor of shape (batch, outputs)")
+    if out.ndim == 2 and out.shape[0] == 2 and out.shape[1] < num_outputs:
+        raise FlatcliError(f"the labels (or targets) need {num_outputs} outputs but model {label} has "
+                           f"{out.shape[1]}: labels {out.shape[1]}..{num_outputs - 1} are out of range for it",
+                           f"give the model {num_outputs} outputs (a factory can take num_classes)")
     if tuple(out.shape) != (2, num_outputs):
         raise FlatcliError(f"model {label} maps a batch of shape (2, *{shape}) to outputs of shape "
                            f"{tuple(out.shape)}, expected (2, {num_outputs})",
