@@ -26,7 +26,7 @@ def read_tensors(path: str) -> dict[str, Tensor]:
         raise FlatcliError(f"data file {path!r} does not exist", "check the path")
     try:
         if path.lower().endswith(".npz"):
-            with np.load(path, allow_pickle=False) as f:
+            with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:  # our handle: closed even if corrupt
                 arrays = {k: f[k] for k in f.files}
             return {k: numpy_tensor(k, a, path) for k, a in arrays.items()}
         if path.lower().endswith(".safetensors"):
