@@ -1,2 +1,3 @@
-"""Flatness estimators: local energy (MATH.md §1)."""
+"""Flatness estimators: local energy (MATH.md §1) and local entropy (§2)."""
 from flatcli.measure.local_energy import EnergyPoint, LocalEnergy, local_energy, parse_sigmas
+from flatcli.measure.local_entropy import LocalEntropyResult, LocalEntropyRow, local_entropy, parse_gammas
