@@ -13,9 +13,21 @@ from flatcli.errors import FlatcliError
 from flatcli.io import atomic_path, check_writable_dir
 
 
-def stderr_console() -> Console:
-    """The human view (tables, progress, notes) always goes to stderr; stdout carries data only."""
-    return Console(stderr=True)
+def stderr_console(quiet: bool = False) -> Console:
+    """The human view (tables, progress, notes) always goes to stderr; stdout carries data only.
+
+    ``quiet``: ranks other than 0 of a torchrun job print nothing (rank 0 speaks for the job).
+    """
+    return Console(stderr=True, quiet=quiet)
+
+
+def start(device_name: str):
+    """Resolve the device and join a torchrun job if launched by one: (dist or None, device, stderr console)."""
+    from flatcli import distributed
+    from flatcli.devices import resolve_device
+
+    dist, device = distributed.setup(resolve_device(device_name))
+    return dist, device, stderr_console(quiet=dist is not None and not dist.is_main)
 
 
 def print_error(message: str) -> None:
@@ -70,6 +82,9 @@ class FlatcliGroup(TyperGroup):
             sys.exit(e.exit_code)
         except ABORTS:
             sys.exit(130)
+        finally:
+            from flatcli import distributed
+            distributed.shutdown()
         sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -6,11 +6,10 @@ from typing import Annotated, Optional
 import typer
 
 from flatcli.checkpoint import read_checkpoint
-from flatcli.cli.common import (DataDirOpt, DataOpt, DepthOpt, DeviceOpt, Loss, ModelOpt, SeedOpt, WidthOpt,
-                                stderr_console)
+from flatcli import distributed
+from flatcli.cli.common import DataDirOpt, DataOpt, DepthOpt, DeviceOpt, Loss, ModelOpt, SeedOpt, WidthOpt, start
 from flatcli.cli.render import progress_bar, table
 from flatcli.data import DataSpec, load_data
-from flatcli.devices import resolve_device
 from flatcli.errors import FlatcliError
 from flatcli.models import ModelSpec
 from flatcli.training import Interrupted, Trainer, TrainConfig
@@ -77,11 +76,11 @@ def train(
 
     Example: flatcli train --algo esgd --epochs 20 --out runs/esgd
     """
-    console = stderr_console()
-    dev = resolve_device(device)
+    dist, dev, console = start(device)
+    ranks = f" × {dist.world} ranks" if dist else ""
     if resume is not None:
-        trainer = Trainer.resume(resume, dev, epochs=epochs, steps=steps)
-        console.print(f"resuming {resume} at step {trainer.step} (epoch {trainer.epoch}) on {dev}")
+        trainer = Trainer.resume(resume, dev, epochs=epochs, steps=steps, dist=dist)
+        console.print(f"resuming {resume} at step {trainer.step} (epoch {trainer.epoch}) on {dev}{ranks}")
     else:
         cfg = TrainConfig(algo=algo, epochs=epochs or D.epochs, steps=steps, batch_size=batch_size, lr=lr,
                           momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, lr_schedule=lr_schedule,
@@ -100,9 +99,11 @@ def train(
         if loss is None and data_obj.num_classes is None:
             cfg.loss = "mse"
         out = out or default_out(data or "teacher", model_spec.name, algo)
-        trainer = Trainer(cfg, data_obj, model_spec, dev, out=out,
+        if dist is not None:  # every rank must write into the same folder, the one rank 0 picked
+            out = Path(distributed.broadcast(str(out)))
+        trainer = Trainer(cfg, data_obj, model_spec, dev, out=out, dist=dist,
                           init_state=init_raw.state_dict if init_raw is not None else None, init_source=init)
-        console.print(f"training {model_spec.name} on {data_obj.spec.name} with {cfg.algo} on {dev}: "
+        console.print(f"training {model_spec.name} on {data_obj.spec.name} with {cfg.algo} on {dev}{ranks}: "
                       f"{len(data_obj.train)} examples, batch {cfg.batch_size}, {trainer.total_steps} steps → {out}")
     run_with_progress(trainer, console)
 

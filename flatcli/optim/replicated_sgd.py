@@ -1,6 +1,6 @@
 """Replicated SGD (Baldassi et al. 2016 "robust ensembles"; Pittorino et al. 2021, "Entropic gradient descent
 algorithms and wide flat minima", Algorithm 2; MATH.md §4): SGD on Σ_a L(w^a) + γ Σ_a ½ |w^a − w̄|²."""
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -32,14 +32,22 @@ class ReplicatedSGD(torch.optim.Optimizer):
     acts on the whole coupled gradient, so with γ = 0 each replica runs ``torch.optim.SGD``. The step count
     t − 1 is kept per group under ``"step_count"``, so it survives ``state_dict()``; K and the count are read
     from the first group. Parameters whose ``.grad`` is None do not move (they still count in w̄).
+
+    Replicas spread over processes: give each process its own replicas, ``total_replicas`` = y over all of
+    them, and ``all_reduce`` (a function that sums a list of tensors over the processes in place, e.g. with
+    torch.distributed); the center is then one all-reduce, done only on the steps that couple.
     """
 
     def __init__(self, replicas: Sequence[Iterable[torch.Tensor]], lr: float = DEFAULT_LR, *,
                  coupling: float = DEFAULT_COUPLING, coupling_every: int = DEFAULT_COUPLING_EVERY,
                  gamma_growth: float = DEFAULT_GAMMA_GROWTH, momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, total_replicas: int | None = None,
+                 all_reduce: Callable[[list[torch.Tensor]], None] | None = None):
         replicas = [list(r) for r in replicas]
-        _check(len(replicas) >= 2, "number of replicas", len(replicas), ">= 2")
+        self.total_replicas = total_replicas or len(replicas)
+        self.all_reduce = all_reduce
+        _check(self.total_replicas >= 2, "number of replicas", self.total_replicas, ">= 2")
+        _check(len(replicas) >= 1, "number of local replicas", len(replicas), ">= 1")
         shapes = [tuple(p.shape) for p in replicas[0]]
         for a, r in enumerate(replicas[1:], start=1):
             _check([tuple(p.shape) for p in r] == shapes, f"parameter shapes of replica {a}",
@@ -74,7 +82,9 @@ class ReplicatedSGD(torch.optim.Optimizer):
         total = [p.detach().clone() for p in groups[0]["params"]]
         for g in groups[1:]:
             torch._foreach_add_(total, g["params"])
-        torch._foreach_div_(total, len(groups))
+        if self.all_reduce is not None:
+            self.all_reduce(total)                                          # Σ over every process's replicas
+        torch._foreach_div_(total, self.total_replicas)
         return total
 
     @torch.no_grad()

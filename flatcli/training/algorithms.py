@@ -1,44 +1,57 @@
 """One optimizer step of each algorithm, with the minibatch plumbing around the optimizers in flatcli.optim.
 
 ``minibatches_per_step`` is how many minibatches each model (each replica) draws in one step, which
-fixes how many steps make an epoch. Each stepper's ``step()`` runs one optimizer step and returns device tensors
-``(loss_sum, error_sum, examples)`` over the minibatches it used, without a host sync.
+fixes how many steps make an epoch. Each stepper's ``step()`` runs one optimizer step and returns device
+tensors ``(loss_sum, error_sum, examples)`` over the minibatches it used, without a host sync.
+
+Under torchrun (``dist`` given), SGD and eSGD are data-parallel: each rank gets a shard of every global
+minibatch and the gradients are summed over ranks before the update, so every rank holds the same weights
+(eSGD draws the same Langevin noise everywhere from the same seed). rSGD instead spreads the replicas over
+the ranks; they meet only through the center, one all-reduce on the steps that couple.
 """
 import copy
 from typing import Callable
 
 import torch
 
+from flatcli import distributed
 from flatcli.devices import autocast
 from flatcli.losses import per_example_error, per_example_loss
 from flatcli.training.config import TrainConfig
 
-BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # stream id -> (x, y) on the device
+BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # local stream index -> (x, y) on the device
 
 
-def forward_backward(model, x, y, loss: str, amp: bool):
-    """Mean minibatch loss, backward; returns (loss_sum, error_sum) detached."""
+def forward_backward(model, x, y, loss: str, amp: bool, total: int):
+    """Backward of (sum of the shard's losses) / (examples in the global minibatch); (loss_sum, error_sum)."""
     with autocast(x.device, amp):
         out = model(x)
     losses = per_example_loss(out, y, loss)
-    losses.mean().backward()
+    (losses.sum() / total).backward()
     return losses.detach().sum(), per_example_error(out.detach(), y).sum()
 
 
 class SGDStepper:
     minibatches_per_step = 1
 
-    def __init__(self, models, cfg: TrainConfig, batch: BatchFn, device):
-        self.model, self.cfg, self.batch = models[0], cfg, batch
+    def __init__(self, models, cfg: TrainConfig, batch: BatchFn, device, dist=None, global_batch: int = 1):
+        self.model, self.cfg, self.batch, self.dist, self.global_batch = models[0], cfg, batch, dist, global_batch
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
 
-    def step(self):
+    def gradient(self):
+        """Gradient of the mean loss over one global minibatch, summed over the ranks' shards."""
         x, y = self.batch(0)
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, err_sum = forward_backward(self.model, x, y, self.cfg.loss, self.cfg.amp)
+        sums = forward_backward(self.model, x, y, self.cfg.loss, self.cfg.amp, self.global_batch)
+        if self.dist is not None:
+            distributed.all_reduce_([p.grad for p in self.model.parameters() if p.grad is not None])
+        return (*sums, len(x))
+
+    def step(self):
+        sums = self.gradient()
         self.optimizer.step()
-        return loss_sum, err_sum, len(x)
+        return sums
 
     def report_model(self):
         return self.model
@@ -53,10 +66,10 @@ class SGDStepper:
 class ESGDStepper(SGDStepper):
     """Entropy-SGD: one outer step calls the closure L times, each on a fresh minibatch (MATH.md §3)."""
 
-    def __init__(self, models, cfg: TrainConfig, batch: BatchFn, device):
+    def __init__(self, models, cfg: TrainConfig, batch: BatchFn, device, dist=None, global_batch: int = 1):
         from flatcli.optim import EntropySGD
 
-        self.model, self.cfg, self.batch = models[0], cfg, batch
+        self.model, self.cfg, self.batch, self.dist, self.global_batch = models[0], cfg, batch, dist, global_batch
         self.minibatches_per_step = cfg.langevin_steps
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.optimizer = EntropySGD(self.model.parameters(), lr=cfg.lr, langevin_lr=cfg.langevin_lr,
@@ -69,11 +82,8 @@ class ESGDStepper(SGDStepper):
         sums = []
 
         def closure():
-            x, y = self.batch(0)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss_sum, err_sum = forward_backward(self.model, x, y, self.cfg.loss, self.cfg.amp)
-            sums.append((loss_sum, err_sum, len(x)))
-            return loss_sum / len(x)
+            sums.append(self.gradient())
+            return sums[-1][0] / sums[-1][2]
 
         self.optimizer.step(closure)
         return sum(s[0] for s in sums), sum(s[1] for s in sums), sum(s[2] for s in sums)
@@ -88,34 +98,45 @@ class ESGDStepper(SGDStepper):
 class RSGDStepper(SGDStepper):
     """Replicated SGD: every replica takes a gradient on its own minibatch, then one coupled step (MATH.md §4)."""
 
-    def __init__(self, models, cfg: TrainConfig, batch: BatchFn, device):
+    def __init__(self, models, cfg: TrainConfig, batch: BatchFn, device, dist=None, global_batch: int = 1):
         from flatcli.optim import ReplicatedSGD
 
-        self.models, self.cfg, self.batch = models, cfg, batch
+        self.models, self.cfg, self.batch, self.dist = models, cfg, batch, dist
         self.optimizer = ReplicatedSGD([m.parameters() for m in models], lr=cfg.lr, coupling=cfg.gamma,
                                        coupling_every=cfg.coupling_every, gamma_growth=cfg.gamma_growth,
                                        momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                       weight_decay=cfg.weight_decay)
+                                       weight_decay=cfg.weight_decay, total_replicas=cfg.replicas,
+                                       all_reduce=distributed.all_reduce_ if dist is not None else None)
         self.center = copy.deepcopy(models[0])
 
     def step(self):
         loss_sum = err_sum = n = 0
-        for a, model in enumerate(self.models):
-            x, y = self.batch(a)
+        for i, model in enumerate(self.models):
+            x, y = self.batch(i)
             model.zero_grad(set_to_none=True)
-            l, e = forward_backward(model, x, y, self.cfg.loss, self.cfg.amp)
+            l, e = forward_backward(model, x, y, self.cfg.loss, self.cfg.amp, len(x))
             loss_sum, err_sum, n = loss_sum + l, err_sum + e, n + len(x)
         self.optimizer.step()
         return loss_sum, err_sum, n
+
+    def _sum_over_replicas(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.dist is not None:
+            distributed.all_reduce_(tensors)
+        return tensors
 
     @torch.no_grad()
     def report_model(self):
         """The center w̄, with BatchNorm running statistics averaged over the replicas too."""
         for p, c in zip(self.center.parameters(), self.optimizer.center()):
             p.copy_(c)
-        for name, buf in self.center.named_buffers():
-            stacked = torch.stack([dict(m.named_buffers())[name] for m in self.models])
-            buf.copy_(stacked.float().mean(0).to(buf.dtype) if buf.is_floating_point() else stacked[0])
+        names = [n for n, b in self.center.named_buffers() if b.is_floating_point()]
+        sums = [sum(dict(m.named_buffers())[n].float() for m in self.models) for n in names]
+        buffers = dict(self.center.named_buffers())
+        for name, total in zip(names, self._sum_over_replicas(sums)):
+            buffers[name].copy_(total / self.cfg.replicas)
+        for name, buf in buffers.items():   # counters (num_batches_tracked): the same in every replica
+            if not buf.is_floating_point():
+                buf.copy_(dict(self.models[0].named_buffers())[name])
         return self.center
 
     @torch.no_grad()
@@ -124,7 +145,21 @@ class RSGDStepper(SGDStepper):
         center = self.optimizer.center()
         n = sum(c.numel() for c in center)
         d = sum(sum((p - c).pow(2).sum() for p, c in zip(m.parameters(), center)) for m in self.models)
-        return float(d) / (n * len(self.models))
+        return float(self._sum_over_replicas([torch.as_tensor(d, dtype=torch.float64)])[0]) / (n * self.cfg.replicas)
+
+    def extra_state(self) -> dict:
+        """Per local replica: momentum buffers (or None) and the step count, independent of how ranks split them."""
+        groups = self.optimizer.param_groups
+        return {"replicas": [{"step_count": g["step_count"],
+                              "momentum": [self.optimizer.state[p].get("momentum_buffer") for p in g["params"]]}
+                             for g in groups]}
+
+    def load_extra_state(self, state: dict) -> None:
+        for group, saved in zip(self.optimizer.param_groups, state["replicas"]):
+            group["step_count"] = saved["step_count"]
+            for p, buf in zip(group["params"], saved["momentum"]):
+                if buf is not None:
+                    self.optimizer.state[p]["momentum_buffer"] = buf.to(p.device).clone()
 
 
 STEPPERS = {"sgd": SGDStepper, "esgd": ESGDStepper, "rsgd": RSGDStepper}

@@ -9,6 +9,7 @@ import torch
 
 import flatcli
 from flatcli import checkpoint as ckpt
+from flatcli import distributed
 from flatcli.data import Data, DataSpec, Split, augment_batch, load_data
 from flatcli.devices import autocast
 from flatcli.errors import FlatcliError
@@ -53,38 +54,68 @@ def evaluate_model(model, split: Split | None, loss: str, amp: bool = False) -> 
 
 
 class Trainer:
-    """Trains ``cfg.algo`` on ``data``; writes a run folder under ``out`` (when given) every epoch."""
+    """Trains ``cfg.algo`` on ``data``; writes a run folder under ``out`` (when given) every epoch.
+
+    ``dist`` (under torchrun): SGD/eSGD shard every global minibatch over the ranks; rSGD gives each rank
+    y / P replicas. Every rank holds the same metrics; rank 0 alone writes files.
+    """
 
     def __init__(self, cfg: TrainConfig, data: Data, model_spec: ModelSpec, device: torch.device,
-                 out: str | Path | None = None, init_state: dict | None = None, init_source=None):
+                 out: str | Path | None = None, init_state: dict | None = None, init_source=None,
+                 dist: distributed.Dist | None = None):
         self.cfg, self.data, self.model_spec, self.device = cfg.validate(), data, model_spec, device
-        self.out = make_run_dir(out) if out is not None else None
+        self.dist = dist
+        self.writes = dist is None or dist.is_main
+        self.out = Path(out) if out is not None else None
+        if self.out is not None and self.writes:
+            make_run_dir(self.out)
         self.train_split = data.train.to(device)
         self.test_split = data.test.to(device) if data.test is not None else None
-        torch.manual_seed(cfg.seed)  # replicas draw their independent initializations in turn
-        count = cfg.replicas if cfg.algo == "rsgd" else 1
-        self.models = [build_model(model_spec, data.input_shape, data.num_outputs) for _ in range(count)]
-        check_fits(self.models[0], data.input_shape, data.num_outputs)
+        self.replica_ids = self._local_replicas()
+        # replica a starts from its own seed, so the initialization does not depend on how ranks split them
+        self.models = [build_model(model_spec, data.input_shape, data.num_outputs, seed=mix_seed(cfg.seed, 11, a))
+                       for a in self.replica_ids]
+        check_fits(self.models[0], data.input_shape, data.num_outputs, label=model_spec.name)
         for m in self.models:
             if init_state is not None:
                 ckpt.load_into(m, init_state, init_source)
             m.to(device).train()
-        self.streams = [BatchStream(len(self.train_split), cfg.batch_size, cfg.seed, a) for a in range(count)]
-        self.stepper = STEPPERS[cfg.algo](self.models, cfg, self.next_batch, device)
+        self.streams = [BatchStream(len(self.train_split), cfg.batch_size, cfg.seed, a) for a in self.replica_ids]
+        self.stepper = STEPPERS[cfg.algo](self.models, cfg, self.next_batch, device, dist,
+                                          global_batch=self.streams[0].batch_size)
         self.step = self.epoch = self.epoch_step = 0
         self.rows: list[dict] = []
         self.seconds = 0.0
         self.metrics: dict = {}
         self._reset_running()
 
+    def _local_replicas(self) -> list[int]:
+        if self.cfg.algo != "rsgd":
+            return [0]
+        y, world = self.cfg.replicas, self.dist.world if self.dist else 1
+        if y % world:
+            raise FlatcliError(f"--replicas {y} cannot be split evenly over {world} ranks",
+                               f"use a multiple of {world} replicas or another --nproc_per_node")
+        rank = self.dist.rank if self.dist else 0
+        return list(range(rank * y // world, (rank + 1) * y // world))
+
     # -- data ---------------------------------------------------------------------------------
     def next_batch(self, stream: int):
+        """The next minibatch of local stream ``stream``; data-parallel ranks keep their shard of it."""
         s = self.streams[stream]
         idx = s.next()
+        shard = (lambda t: torch.tensor_split(t, self.dist.world)[self.dist.rank]) \
+            if self.dist is not None and self.cfg.algo != "rsgd" else None
+        augment = self.cfg.augment and self.data.images
+        if shard and not augment:
+            idx = shard(idx)
         x, y = self.train_split.batch(idx)
-        if self.cfg.augment and self.data.images:
-            g = torch.Generator(device=x.device).manual_seed(mix_seed(self.cfg.seed, 7, stream, s.epoch, s.index))
+        if augment:  # drawn for the whole global minibatch, so every world size sees the same crops and flips
+            a = self.replica_ids[stream]
+            g = torch.Generator(device=x.device).manual_seed(mix_seed(self.cfg.seed, 7, a, s.epoch, s.index))
             x = augment_batch(x, g)
+            if shard:
+                x, y = shard(x), shard(y)
         return x, y
 
     @property
@@ -99,21 +130,25 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
     def _reset_running(self):
         zero = torch.zeros((), device=self.device)
-        self.running = [zero.clone(), zero.clone(), 0]
-        self.window: list[torch.Tensor] = []
+        self.running = [zero.clone(), zero.clone(), zero.clone()]   # loss sum, error sum, examples
+        self.window: list[torch.Tensor] = []                         # per-step loss sums since the last sync
+        self.global_running = {"loss": math.nan, "error": math.nan}
 
-    def _check_finite(self):
-        if not self.window:
-            return
-        losses = torch.stack(self.window)
-        bad = (~torch.isfinite(losses)).nonzero()
-        first_step = self.step - len(self.window) + 1
-        self.window = []
+    def _sync(self, stop: bool) -> bool:
+        """One host sync (and, under torchrun, one all-reduce): running means, the non-finite check, the stop vote."""
+        flat = torch.cat([torch.stack(self.window) if self.window else self.running[0].new_zeros(0),
+                          torch.stack(self.running), torch.tensor([float(stop)], device=self.device)])
+        if self.dist is not None:
+            distributed.all_reduce_([flat])
+        window, (loss_sum, err_sum, n, stops) = flat[:len(self.window)], flat[len(self.window):].tolist()
+        self.global_running = {"loss": loss_sum / max(n, 1), "error": err_sum / max(n, 1)}
+        bad = (~torch.isfinite(window)).nonzero()
+        first_step, self.window = self.step - len(window) + 1, []
         if len(bad):
-            step = first_step + int(bad[0])
             where = f"; the last good checkpoint is in {self.out}" if self.out else ""
-            raise FlatcliError(f"the training loss became {float(losses[bad[0]])} at step {step}{where}",
-                               f"use a smaller learning rate than --lr {self.cfg.lr:g}")
+            raise FlatcliError(f"the training loss became {float(window[bad[0]])} at step {first_step + int(bad[0])}"
+                               f"{where}", f"use a smaller learning rate than --lr {self.cfg.lr:g}")
+        return stops > 0
 
     def _set_lr(self):
         cfg = self.cfg
@@ -123,7 +158,11 @@ class Trainer:
         return lr
 
     def run(self, progress=None, should_stop=lambda: False) -> dict:
-        """Train to the end of the budget; ``progress(event, info)`` hears "start", "step" and "epoch" events."""
+        """Train to the end of the budget; ``progress(event, info)`` hears "start", "step" and "epoch" events.
+
+        ``should_stop()`` is asked after every step (under torchrun the ranks vote at each sync); a yes saves a
+        resumable state and raises Interrupted.
+        """
         progress = progress or (lambda event, info: None)
         progress("start", {"total": self.total_steps, "done": self.step})
         if self.out is not None and self.step == 0:
@@ -136,36 +175,35 @@ class Trainer:
             self.window.append(loss_sum)
             self.step, self.epoch_step = self.step + 1, self.epoch_step + 1
             end_of_epoch = self.epoch_step == self.steps_per_epoch
-            if self.step % SYNC_EVERY == 0 or end_of_epoch or self.step == self.total_steps:
-                self._check_finite()
-                progress("step", {"step": self.step, "epoch": self.epoch, **self._running_means()})
+            stop = should_stop()
+            if self.step % SYNC_EVERY == 0 or end_of_epoch or self.step == self.total_steps or \
+                    (stop and self.dist is None):
+                stop = self._sync(stop)
+                progress("step", {"step": self.step, "epoch": self.epoch, **self.global_running})
+            else:
+                stop = False
             if end_of_epoch:
                 self.seconds += time.perf_counter() - tick
                 self._end_epoch(progress)
                 tick = time.perf_counter()
-            elif should_stop():
-                self._check_finite()
+            if stop and self.step < self.total_steps:
                 self.seconds += time.perf_counter() - tick
                 if self.out is not None:
                     self.save(complete=False)
                 raise Interrupted(self.step, self.out)
         self.seconds += time.perf_counter() - tick
         model = self.stepper.report_model()
-        train = evaluate_model(model, self.data.train.to(self.device), self.cfg.loss, self.cfg.amp)
+        train = evaluate_model(model, self.train_split, self.cfg.loss, self.cfg.amp)
         test = evaluate_model(model, self.test_split, self.cfg.loss, self.cfg.amp)
         self.metrics = {"train_loss": train[0], "train_error": train[1], "test_loss": test[0], "test_error": test[1]}
         if self.out is not None:
             self.save(complete=True)
         return self.metrics
 
-    def _running_means(self) -> dict:
-        loss_sum, err_sum, n = self.running
-        return {"loss": float(loss_sum) / max(n, 1), "error": float(err_sum) / max(n, 1)}
-
     def _end_epoch(self, progress):
         cfg, model = self.cfg, self.stepper.report_model()
         test = evaluate_model(model, self.test_split, cfg.loss, cfg.amp)
-        running = self._running_means()
+        running = self.global_running
         row = {"epoch": self.epoch + 1, "step": self.step, "lr": self.stepper.optimizer.param_groups[0]["lr"],
                "train_loss": running["loss"], "train_error": running["error"],
                "test_loss": test[0], "test_error": test[1], "seconds": round(self.seconds, 3)}
@@ -183,12 +221,15 @@ class Trainer:
     def _replica_metrics(self, center, center_test_error: float) -> dict:
         cfg = self.cfg
         center_train = evaluate_model(center, self.train_split, cfg.loss, cfg.amp)
-        replica_test = [evaluate_model(m, self.test_split, cfg.loss, cfg.amp)[1] for m in self.models]
-        replica_train = [evaluate_model(m, self.train_split, cfg.loss, cfg.amp)[1] for m in self.models]
+        errors = [[evaluate_model(m, split, cfg.loss, cfg.amp)[1] for m in self.models]
+                  for split in (self.train_split, self.test_split)]
+        sums = [torch.tensor(sum(e), dtype=torch.float64) for e in errors]
+        if self.dist is not None:
+            distributed.all_reduce_(sums)
         return {"replica_distance": self.stepper.replica_distance(),
                 "center_train_error": center_train[1], "center_test_error": center_test_error,
-                "replicas_train_error": sum(replica_train) / len(replica_train),
-                "replicas_test_error": sum(replica_test) / len(replica_test)}
+                "replicas_train_error": float(sums[0]) / cfg.replicas,
+                "replicas_test_error": float(sums[1]) / cfg.replicas}
 
     # -- checkpoints --------------------------------------------------------------------------
     def metadata(self, complete: bool) -> dict:
@@ -198,26 +239,47 @@ class Trainer:
                 "num_outputs": self.data.num_outputs, "num_classes": self.data.num_classes,
                 "loss": cfg.loss, "algo": cfg.algo, "hyper": cfg.to_dict(), "seed": cfg.seed,
                 "epoch": self.epoch, "step": self.step, "complete": complete,
-                "replicas": len(self.models) if cfg.algo == "rsgd" else 0,
+                "replicas": cfg.replicas if cfg.algo == "rsgd" else 0,
                 "parameters": sum(p.numel() for p in self.models[0].parameters()), "metrics": self.metrics}
 
+    def _gather_replicas(self) -> tuple[dict, list]:
+        """Every replica's weights and optimizer state, in replica order (gathered from all ranks under torchrun)."""
+        local = [(a, {k: v.detach().cpu() for k, v in m.state_dict().items()}, st)
+                 for a, m, st in zip(self.replica_ids, self.models, self.stepper.extra_state()["replicas"])]
+        parts = distributed.all_gather(local) if self.dist is not None else [local]
+        everything = sorted((item for part in parts for item in part), key=lambda item: item[0])
+        weights = {f"{a}.{k}": v for a, sd, _ in everything for k, v in sd.items()}
+        return weights, [{"step_count": st["step_count"],
+                          "momentum": [None if b is None else b.cpu() for b in st["momentum"]]}
+                         for _, _, st in everything]
+
     def save(self, complete: bool) -> None:
+        """Write the run folder (rank 0 only; every rank takes part in gathering what it holds)."""
         out, meta = self.out, self.metadata(complete)
+        center = self.stepper.report_model()
+        running = torch.stack(self.running).double()
+        if self.dist is not None:
+            distributed.all_reduce_([running])
         if self.cfg.algo == "rsgd":
-            replicas = {f"{a}.{k}": v for a, m in enumerate(self.models) for k, v in m.state_dict().items()}
+            replicas, replica_states = self._gather_replicas()
+            optimizer, extra = None, {"replicas": replica_states}
+        else:
+            optimizer, extra = self.stepper.optimizer.state_dict(), self.stepper.extra_state()
+        if not self.writes:
+            return
+        if self.cfg.algo == "rsgd":
             ckpt.save_weights(out / ckpt.REPLICAS, replicas)
-        ckpt.save_weights(out / ckpt.WEIGHTS, self.stepper.report_model().state_dict(), meta)
+        ckpt.save_weights(out / ckpt.WEIGHTS, center.state_dict(), meta)
         ckpt.save_torch(out / ckpt.STATE, {
             "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "seconds": self.seconds,
-            "optimizer": self.stepper.optimizer.state_dict(), "streams": [s.state() for s in self.streams],
-            "running": [float(self.running[0]), float(self.running[1]), int(self.running[2])],
-            "extra": self.stepper.extra_state()})
+            "optimizer": optimizer, "streams": {a: s.state() for a, s in zip(self.replica_ids, self.streams)},
+            "running": running.tolist(), "extra": extra})
         write_text_atomic(out / ckpt.METRICS, rows_to_csv(self.rows))
 
     @classmethod
     def resume(cls, run: str | Path, device: torch.device, epochs: int | None = None,
-               steps: int | None = None) -> "Trainer":
-        """Rebuild a trainer from a run folder, exactly where it stopped."""
+               steps: int | None = None, dist: distributed.Dist | None = None) -> "Trainer":
+        """Rebuild a trainer from a run folder, exactly where it stopped (under any number of ranks)."""
         raw = ckpt.read_checkpoint(run)
         run = Path(raw.path)
         if raw.meta is None or raw.meta.get("format") != "flatcli-run" or not (run / ckpt.STATE).is_file():
@@ -227,23 +289,24 @@ class Trainer:
         cfg.epochs = epochs or cfg.epochs
         cfg.steps = steps if steps is not None else cfg.steps
         data = load_data(DataSpec.from_dict(meta["data"]))
-        self = cls(cfg, data, ModelSpec.from_dict(meta["model"]), device, out=run)
+        self = cls(cfg, data, ModelSpec.from_dict(meta["model"]), device, out=run, dist=dist)
         state = ckpt.load_torch_state(run / ckpt.STATE)
         if state["step"] != meta["step"]:
             raise FlatcliError(f"{str(run)!r} has weights and training state of different steps", "start a fresh run")
         if cfg.algo == "rsgd":
-            for a, m in enumerate(self.models):
+            for a, m in zip(self.replica_ids, self.models):
                 ckpt.load_into(m, ckpt.replica_state(raw, a), run)
+            self.stepper.load_extra_state({"replicas": [state["extra"]["replicas"][a] for a in self.replica_ids]})
         else:
             ckpt.load_into(self.models[0], raw.state_dict, run)
-        self.stepper.optimizer.load_state_dict(state["optimizer"])
-        for s, pos in zip(self.streams, state["streams"]):
-            s.load_state(pos)
-        self.stepper.load_extra_state(state["extra"])
+            self.stepper.optimizer.load_state_dict(state["optimizer"])
+            self.stepper.load_extra_state(state["extra"])
+        for a, s in zip(self.replica_ids, self.streams):
+            s.load_state(state["streams"][a])
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
         self.seconds = state["seconds"]
-        loss_sum, err_sum, n = state["running"]
-        self.running = [torch.tensor(loss_sum, device=device), torch.tensor(err_sum, device=device), n]
+        if dist is None or dist.is_main:  # the saved sums are over all ranks: one rank carries them on
+            self.running = [torch.tensor(v, device=device, dtype=torch.float32) for v in state["running"]]
         self.rows = read_metrics(run / ckpt.METRICS)
         return self
 
