@@ -112,7 +112,8 @@ def _base_seed(seed: int | torch.Generator) -> int:
 def local_energy(model: nn.Module, data, sigmas, *, samples: int = 100, noise: str = "multiplicative",
                  bn: str = "eval", loss: str = "cross-entropy", batch_size: int = 1000,
                  seed: int | torch.Generator = 0, bn_data=None, bn_batches: int = 4, callback=None,
-                 vectorize: bool | str = "auto", draws_per_forward: int = 8) -> LocalEnergy:
+                 vectorize: bool | str = "auto", draws_per_forward: int = 8, shard: tuple[int, int] = (0, 1),
+                 gather=None) -> LocalEnergy:
     """Estimate δε(w, σ) and δL(w, σ) of ``model`` on ``data`` for each σ in ``sigmas`` (MATH.md §1).
 
     data: an (x, y) tensor pair (moved to the model's device once, cut into ``batch_size`` slices) or an iterable
@@ -125,6 +126,10 @@ def local_energy(model: nn.Module, data, sigmas, *, samples: int = 100, noise: s
     The model's parameters, buffers and train/eval modes are restored exactly on return. With bn="recompute"
     the σ = 0 point is still the net as given (stored statistics), so δ at small σ includes the change of
     statistics. Memory: one copy of the parameters plus the noise (K copies when vectorized).
+
+    shard=(rank, world), gather: share the draws among processes. This process computes the draws
+    k ≡ rank (mod world); ``gather(tensor)`` must return every process's tensor in rank order (e.g. an
+    all-gather). Draw k is the same noise whatever the sharding, so the result equals the one-process result.
     """
     sigmas = _check_sigmas(sigmas)
     _check_options(samples, noise, bn, loss, batch_size, bn_batches, vectorize, draws_per_forward)
@@ -144,22 +149,31 @@ def local_energy(model: nn.Module, data, sigmas, *, samples: int = 100, noise: s
         vectorized = (vectorize is True or (vectorize == "auto" and device.type == "cuda")) and not bns \
             and samples > 1 and vmap_works(model, source)
         nets = _vmapped(model, pert) if vectorized else _one_at_a_time(model, pert, bns, bn_x)
-        sums = _sweep(pert, source, sigmas, samples, noise, loss, _base_seed(seed),
-                      draws_per_forward if vectorized else 1, nets, callback)  # (M, S, 2) on the device
+        draws = list(range(shard[0], samples, shard[1]))
+        sums = _sweep(pert, source, sigmas, draws, noise, loss, _base_seed(seed),
+                      draws_per_forward if vectorized else 1, nets, callback)  # (len(draws), S, 2) on the device
+        if gather is not None:
+            sums = _interleave(gather(sums.cpu()), samples).to(device)
     finally:
         pert.restore()
         state.restore()
     return _summarize(sigmas, sums, base[0], n, vectorized)
 
 
-def _sweep(pert, source, sigmas, samples, noise, loss, seed, chunk, nets, callback) -> torch.Tensor:
+def _interleave(parts: list[torch.Tensor], samples: int) -> torch.Tensor:
+    """Reassemble the draws of ``world`` processes (process r held draws r, r + world, ...) in draw order."""
+    world = len(parts)
+    return torch.stack([parts[k % world][k // world] for k in range(samples)])
+
+
+def _sweep(pert, source, sigmas, draws, noise, loss, seed, chunk, nets, callback) -> torch.Tensor:
     """Draws in the outer loop (each z_k drawn once, ``chunk`` at a time), σ in the inner loop; (M, S, 2) sums.
 
     ``nets(D, σ)`` sets up the K nets w0 + σ D_k (D: per parameter (K, *shape)) and returns their forward.
     """
-    device, total, done, blocks = pert.w0[0].device, samples * sum(s > 0 for s in sigmas), 0, []
-    for k0 in range(0, samples, chunk):
-        ks = range(k0, min(k0 + chunk, samples))
+    device, total, done, blocks = pert.w0[0].device, len(draws) * sum(s > 0 for s in sigmas), 0, []
+    for k0 in range(0, len(draws), chunk):
+        ks = draws[k0:k0 + chunk]
         ds = [_perturb.noise_direction(_perturb.draw_noise(pert.w0, seed, k), pert.w0, noise) for k in ks]
         D = [torch.stack(c) if len(c) > 1 else c[0].unsqueeze(0) for c in zip(*ds)]  # per parameter (K, *shape)
         del ds
@@ -173,7 +187,7 @@ def _sweep(pert, source, sigmas, samples, noise, loss, seed, chunk, nets, callba
             if callback is not None:
                 callback(done, total)
         blocks.append(torch.stack(cols, 1))  # (K, S, 2)
-    return torch.cat(blocks)
+    return torch.cat(blocks) if blocks else torch.zeros(0, len(sigmas), 2, device=device)
 
 
 def _one_at_a_time(model, pert, bns, bn_x):
