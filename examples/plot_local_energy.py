@@ -11,7 +11,7 @@ import csv
 import sys
 
 SEM_OF = {"delta_error": "error_sem", "delta_loss": "loss_sem"}
-LABEL_OF = {"delta_error": "δε: rise of the training error (fraction)", "delta_loss": "δL: rise of the loss"}
+LABEL_OF = {"delta_error": "δε: rise of the error (a fraction)", "delta_loss": "δL: rise of the loss"}
 
 
 def read_curves(lines, metric: str) -> dict[str, tuple[list[float], list[float], list[float]]]:

@@ -337,6 +337,7 @@ def test_an_error_during_the_work_leaves_no_output_file(linear_problem, tmp_path
     (["missing.pt", "--csv", "nowhere/out.csv"], ["--csv", "does not exist"]),  # found before the checkpoint
     (["RUN", "--json", "nowhere/out.json"], ["--json", "does not exist"]),
     (["RUN", "--csv", "-", "--json", "-"], ["stdout"]),
+    (["RUN", "--csv", "same.txt", "--json", "same.txt"], ["both name", "different paths"]),
     (["W.pt"], ["does not describe its model and data", "--model and --data"]),
     (["W.pt", "--data", "linear.npz"], ["--model and --data"]),
     (["RUN", "--replica", "0"], ["not an rSGD run"]),
@@ -361,3 +362,13 @@ def test_user_mistakes(runs, linear_problem, tmp_path, args, fragments):
 def test_help_shows_an_example():
     result = invoke("local-energy", "--help")
     assert result.exit_code == 0 and "Example: flatcli local-energy" in " ".join(result.stdout.split())
+
+
+def test_the_library_call_is_exported_without_making_import_slow():
+    import flatcli
+    import flatcli.measure
+    assert flatcli.local_energy is flatcli.measure.local_energy
+    check = "import sys, flatcli; assert 'torch' not in sys.modules; from flatcli import local_energy, EntropySGD"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr

@@ -83,22 +83,21 @@ def local_energy(
                 x.model, x.data, sigma_list, samples=samples, noise=noise.value, bn=bn.value, loss=ckpt.loss,
                 batch_size=batch_size, seed=seed, bn_data=x.bn_data, bn_batches=bn_batches,
                 callback=progress.callback(ckpt.label)))
+            inputs.release(ckpt)
             progress.advance(units)
-    rows = [row for ckpt, result in zip(loaded, results)
-            for row in energy_rows(ckpt.label, ckpt.loss, result, split=split.value, noise=noise.value,
-                                   bn=bn.value, seed=seed)]
+    rows = [row for ckpt, result in zip(loaded, results) for row in energy_rows(ckpt, result, settings)]
     for t in energy_tables([c.label for c in loaded], results, settings):
         console.print(t)
     write_results(rows, COLUMNS, settings, csv_out, json_out)
 
 
-def energy_rows(label: str, loss: str, result: LocalEnergy, **fixed) -> list[dict]:
-    """One tidy row per σ (errors as fractions), in ``COLUMNS``' names."""
-    return [{"checkpoint": label, "split": fixed["split"], "sigma": p.sigma, "samples": p.samples,
+def energy_rows(ckpt, result: LocalEnergy, settings: dict) -> list[dict]:
+    """One tidy row per σ (errors as fractions), with the names in ``COLUMNS``."""
+    return [{"checkpoint": ckpt.label, "split": settings["split"], "sigma": p.sigma, "samples": p.samples,
              "error_mean": p.error_mean, "error_sem": p.error_sem, "delta_error": p.delta_error,
-             "loss_mean": p.loss_mean, "loss_sem": p.loss_sem, "delta_loss": p.delta_loss, "noise": fixed["noise"],
-             "bn": fixed["bn"], "loss_function": loss, "examples": result.examples, "seed": fixed["seed"]}
-            for p in result]
+             "loss_mean": p.loss_mean, "loss_sem": p.loss_sem, "delta_loss": p.delta_loss,
+             "noise": settings["noise"], "bn": settings["bn"], "loss_function": ckpt.loss,
+             "examples": result.examples, "seed": settings["seed"]} for p in result]
 
 
 def plus_minus(mean: float, sem: float) -> str:

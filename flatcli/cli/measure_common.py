@@ -94,6 +94,10 @@ class InputMaker:
         data, bn_data = self.cache[key]
         return Inputs(loaded.model.to(self.device), data, bn_data, len(data[0]))
 
+    def release(self, loaded: Loaded) -> None:
+        """Once measured, the model goes back to the CPU (where the loader keeps it), freeing the device."""
+        loaded.model.to("cpu")
+
     def check(self, checkpoints: Sequence[Loaded]) -> None:
         """Before any work: every checkpoint's data has the split asked for."""
         for loaded in checkpoints:
