@@ -242,16 +242,17 @@ class Trainer:
                 "replicas": cfg.replicas if cfg.algo == "rsgd" else 0,
                 "parameters": sum(p.numel() for p in self.models[0].parameters()), "metrics": self.metrics}
 
-    def _gather_replicas(self) -> tuple[dict, list]:
-        """Every replica's weights and optimizer state, in replica order (gathered from all ranks under torchrun)."""
-        local = [(a, {k: v.detach().cpu() for k, v in m.state_dict().items()}, st)
-                 for a, m, st in zip(self.replica_ids, self.models, self.stepper.extra_state()["replicas"])]
+    def _gather_replicas(self) -> tuple[dict, list, dict]:
+        """Every replica's weights, optimizer state and data position, in replica order (from all ranks)."""
+        local = [(a, {k: v.detach().cpu() for k, v in m.state_dict().items()}, st, s.state())
+                 for a, m, st, s in zip(self.replica_ids, self.models, self.stepper.extra_state()["replicas"],
+                                        self.streams)]
         parts = distributed.all_gather(local) if self.dist is not None else [local]
         everything = sorted((item for part in parts for item in part), key=lambda item: item[0])
-        weights = {f"{a}.{k}": v for a, sd, _ in everything for k, v in sd.items()}
-        return weights, [{"step_count": st["step_count"],
-                          "momentum": [None if b is None else b.cpu() for b in st["momentum"]]}
-                         for _, _, st in everything]
+        weights = {f"{a}.{k}": v for a, sd, _, _ in everything for k, v in sd.items()}
+        states = [{"step_count": st["step_count"], "momentum": [None if b is None else b.cpu() for b in st["momentum"]]}
+                  for _, _, st, _ in everything]
+        return weights, states, {a: pos for a, _, _, pos in everything}
 
     def save(self, complete: bool) -> None:
         """Write the run folder (rank 0 only; every rank takes part in gathering what it holds)."""
@@ -260,8 +261,9 @@ class Trainer:
         running = torch.stack(self.running).double()
         if self.dist is not None:
             distributed.all_reduce_([running])
+        streams = {a: s.state() for a, s in zip(self.replica_ids, self.streams)}
         if self.cfg.algo == "rsgd":
-            replicas, replica_states = self._gather_replicas()
+            replicas, replica_states, streams = self._gather_replicas()
             optimizer, extra = None, {"replicas": replica_states}
         else:
             optimizer, extra = self.stepper.optimizer.state_dict(), self.stepper.extra_state()
@@ -272,7 +274,7 @@ class Trainer:
         ckpt.save_weights(out / ckpt.WEIGHTS, center.state_dict(), meta)
         ckpt.save_torch(out / ckpt.STATE, {
             "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "seconds": self.seconds,
-            "optimizer": optimizer, "streams": {a: s.state() for a, s in zip(self.replica_ids, self.streams)},
+            "optimizer": optimizer, "streams": streams,
             "running": running.tolist(), "extra": extra})
         write_text_atomic(out / ckpt.METRICS, rows_to_csv(self.rows))
 
