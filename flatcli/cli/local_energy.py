@@ -6,13 +6,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from flatcli import distributed
 from flatcli.cli.common import (DataDirOpt, DataOpt, DepthOpt, DeviceOpt, Loss, ModelOpt, ReplicaOpt, SeedOpt,
-                                TrustPickleOpt, WidthOpt, parse_replica, stderr_console)
+                                TrustPickleOpt, WidthOpt, parse_replica, start)
 from flatcli.cli.measure_common import (BatchSizeOpt, CheckpointsArg, CsvOpt, InputMaker, JsonOpt, MaxExamplesOpt,
                                         SplitName, SplitOpt, SweepProgress, check_outputs, load_checkpoints,
                                         settings_dict, settings_line, write_results)
 from flatcli.cli.render import fmt, table
-from flatcli.devices import resolve_device
 from flatcli.measure import LocalEnergy, parse_sigmas
 from flatcli.measure import local_energy as measure_local_energy
 
@@ -62,7 +62,7 @@ def local_energy(
     """
     check_outputs(csv_out, json_out)
     sigma_list = parse_sigmas(sigmas)
-    dev = resolve_device(device)
+    dist, dev, console = start(device)
     loaded = load_checkpoints(checkpoints, model=model, width=width, depth=depth, data=data, data_dir=data_dir,
                               loss=loss.value if loss else None, trust_pickle=trust_pickle,
                               replica=parse_replica(replica))
@@ -71,10 +71,12 @@ def local_energy(
     inputs.check(loaded)
     settings = settings_dict("local-energy", loaded, seed=seed, device=str(dev), sigmas=sigma_list, samples=samples,
                              noise=noise.value, bn=bn.value, bn_batches=bn_batches, split=split.value,
-                             max_examples=max_examples, batch_size=batch_size, replica=replica)
-    console = stderr_console()
+                             max_examples=max_examples, batch_size=batch_size, replica=replica,
+                             ranks=dist.world if dist else 1)
     console.print(settings_line(settings))
-    units = samples * sum(s > 0 for s in sigma_list)
+    # under torchrun each rank computes the draws k ≡ rank (mod ranks); rank 0 gathers, prints and writes
+    shard, gather = ((dist.rank, dist.world), distributed.all_gather) if dist else ((0, 1), None)
+    units = len(range(shard[0], samples, shard[1])) * sum(s > 0 for s in sigma_list)
     results = []
     with SweepProgress("local energy", len(loaded) * units, console) as progress:
         for ckpt in loaded:
@@ -82,13 +84,14 @@ def local_energy(
             results.append(measure_local_energy(
                 x.model, x.data, sigma_list, samples=samples, noise=noise.value, bn=bn.value, loss=ckpt.loss,
                 batch_size=batch_size, seed=seed, bn_data=x.bn_data, bn_batches=bn_batches,
-                callback=progress.callback(ckpt.label)))
+                callback=progress.callback(ckpt.label), shard=shard, gather=gather))
             inputs.release(ckpt)
             progress.advance(units)
     rows = [row for ckpt, result in zip(loaded, results) for row in energy_rows(ckpt, result, settings)]
     for t in energy_tables([c.label for c in loaded], results, settings):
         console.print(t)
-    write_results(rows, COLUMNS, settings, csv_out, json_out)
+    if dist is None or dist.is_main:
+        write_results(rows, COLUMNS, settings, csv_out, json_out)
 
 
 def energy_rows(ckpt, result: LocalEnergy, settings: dict) -> list[dict]:
