@@ -1,6 +1,6 @@
 """flatcli: train networks with SGD, Entropy-SGD and replicated SGD, and measure how flat their minima are.
 
-    from flatcli import local_energy, EntropySGD, ReplicatedSGD
+    from flatcli import local_energy, local_entropy, EntropySGD, ReplicatedSGD
 
 The names are imported on first use, so that ``import flatcli`` (and ``flatcli --version``) stays quick.
 """
@@ -8,7 +8,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-_LAZY = {"local_energy": "flatcli.measure", "EntropySGD": "flatcli.optim", "ReplicatedSGD": "flatcli.optim"}
+_LAZY = {"local_energy": "flatcli.measure", "local_entropy": "flatcli.measure",
+         "EntropySGD": "flatcli.optim", "ReplicatedSGD": "flatcli.optim"}
 __all__ = ["__version__", *_LAZY]
 
 
