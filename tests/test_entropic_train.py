@@ -84,3 +84,21 @@ def test_esgd_convnet_with_batchnorm(tmp_path, cifar10_dir):
 ])
 def test_entropic_user_mistakes(tmp_path, args, fragment):
     assert_user_error(invoke("train", "--steps", "1", "--out", tmp_path / "x", *TINY, *args), fragment)
+
+
+def test_rsgd_batched_replicas_match_the_loop():
+    """The vmapped all-replicas-at-once gradient (used on CUDA) gives the loop's steps, to float tolerance."""
+    from flatcli.data import DataSpec, load_data
+    from flatcli.models import ModelSpec
+    from flatcli.training import Trainer, TrainConfig
+
+    data = load_data(DataSpec(n_train=128, n_test=32))
+    runs = []
+    for batched in (False, True):
+        t = Trainer(TrainConfig(algo="rsgd", replicas=3, steps=6, batch_size=16, momentum=0.9), data,
+                    ModelSpec(width=16), torch.device("cpu"))
+        t.stepper.batched = batched
+        t.run()
+        runs.append([p.detach().clone() for m in t.models for p in m.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
