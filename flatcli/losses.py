@@ -40,6 +40,20 @@ def per_example_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return (outputs.argmax(-1) != targets).float()
 
 
+def loss_sum(outputs: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
+    """Sum of the batch's losses, in one op for cross-entropy (the training hot path)."""
+    if loss == "cross-entropy":
+        return F.cross_entropy(outputs.float(), targets, reduction="sum")
+    return per_example_loss(outputs, targets, loss).sum()
+
+
+def error_count(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Number of misclassified examples (NaN for float regression targets), without a float copy per example."""
+    if targets.is_floating_point():
+        return torch.tensor(float("nan"), device=outputs.device)
+    return (outputs.argmax(-1) != targets).sum()
+
+
 def batch_sums(outputs, targets, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of losses, sum of errors) over a batch, as 0-d tensors (no host sync)."""
     return per_example_loss(outputs, targets, loss).sum(), per_example_error(outputs, targets).sum()

@@ -105,18 +105,21 @@ class EntropySGD(torch.optim.Optimizer):
         moving = [i for i, p in enumerate(ps) if p.grad is not None]
         if moving:
             params, anchors = [ps[i] for i in moving], [ws[i] for i in moving]
-            dw = torch._foreach_sub(params, anchors)
-            torch._foreach_mul_(dw, self._gamma(group))                 # γ (w' − w)
-            torch._foreach_add_(dw, [p.grad for p in params])           # + ∇L(w'; Ξ)
+            lr, gamma = group["langevin_lr"], self._gamma(group)
             if group["weight_decay"]:
+                dw = torch._foreach_sub(params, anchors)
+                torch._foreach_mul_(dw, gamma)                          # γ (w' − w)
+                torch._foreach_add_(dw, [p.grad for p in params])       # + ∇L(w'; Ξ)
                 torch._foreach_add_(dw, params, alpha=group["weight_decay"])
-            torch._foreach_add_(params, dw, alpha=-group["langevin_lr"])  # w' ← w' − η' dw'
+                torch._foreach_add_(params, dw, alpha=-lr)              # w' ← w' − η' dw'
+            else:  # the same update in two passes over the weights instead of four
+                torch._foreach_lerp_(params, anchors, lr * gamma)       # w' ← w' − η' γ (w' − w)
+                torch._foreach_add_(params, [p.grad for p in params], alpha=-lr)  # − η' ∇L(w'; Ξ)
             if group["noise"]:
                 xi = [torch.randn(p.shape, generator=self.generator, device=p.device, dtype=p.dtype)
                       for p in params]
                 torch._foreach_add_(params, xi, alpha=math.sqrt(group["langevin_lr"]) * group["noise"])
-        torch._foreach_mul_(mus, group["alpha"])                        # μ ← α μ + (1 − α) w'
-        torch._foreach_add_(mus, ps, alpha=1 - group["alpha"])
+        torch._foreach_lerp_(mus, ps, 1 - group["alpha"])               # μ ← α μ + (1 − α) w'
 
     def _outer_step(self, group, ws, mus) -> None:
         ps = group["params"]

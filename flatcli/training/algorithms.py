@@ -16,7 +16,7 @@ import torch
 
 from flatcli import distributed
 from flatcli.devices import autocast
-from flatcli.losses import per_example_error, per_example_loss
+from flatcli.losses import error_count, loss_sum, per_example_error, per_example_loss
 from flatcli.training.config import TrainConfig
 
 BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # local stream index -> (x, y) on the device
@@ -26,9 +26,9 @@ def forward_backward(model, x, y, loss: str, amp: bool, total: int):
     """Backward of (sum of the shard's losses) / (examples in the global minibatch); (loss_sum, error_sum)."""
     with autocast(x.device, amp):
         out = model(x)
-    losses = per_example_loss(out, y, loss)
-    (losses.sum() / total).backward()
-    return losses.detach().sum(), per_example_error(out.detach(), y).sum()
+    total_loss = loss_sum(out, y, loss)
+    (total_loss / total).backward()
+    return total_loss.detach(), error_count(out.detach(), y)
 
 
 class SGDStepper:

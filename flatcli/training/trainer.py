@@ -129,25 +129,33 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def _reset_running(self):
-        zero = torch.zeros((), device=self.device)
-        self.running = [zero.clone(), zero.clone(), zero.clone()]   # loss sum, error sum, examples
-        self.window: list[torch.Tensor] = []                         # per-step loss sums since the last sync
+        self.running = [0.0, 0.0, 0]   # this epoch's loss sum, error sum, examples (this rank's share)
+        self.window: list[tuple] = []  # (loss sum, error sum, examples) of each step since the last sync
         self.global_running = {"loss": math.nan, "error": math.nan}
 
     def _sync(self, stop: bool) -> bool:
-        """One host sync (and, under torchrun, one all-reduce): running means, the non-finite check, the stop vote."""
-        flat = torch.cat([torch.stack(self.window) if self.window else self.running[0].new_zeros(0),
-                          torch.stack(self.running), torch.tensor([float(stop)], device=self.device)])
+        """One host sync (and, under torchrun, one all-reduce): running means, the non-finite check, the stop vote.
+
+        Sums are accumulated step by step in double precision on the host, so they do not depend on where the
+        syncs fall (an interrupted and resumed run records the same metrics).
+        """
+        pairs = torch.stack([torch.stack((l, e.float())) for l, e, _ in self.window]).tolist() if self.window else []
+        for (loss, err), (_, _, n) in zip(pairs, self.window):
+            self.running = [self.running[0] + loss, self.running[1] + err, self.running[2] + n]
+        losses, self.window = [loss for loss, _ in pairs], []
+        flat = [*losses, *self.running, float(stop)]
         if self.dist is not None:
-            distributed.all_reduce_([flat])
-        window, (loss_sum, err_sum, n, stops) = flat[:len(self.window)], flat[len(self.window):].tolist()
+            total = torch.tensor(flat, dtype=torch.float64, device=self.device)
+            distributed.all_reduce_([total])
+            flat = total.tolist()
+        window, (loss_sum, err_sum, n, stops) = flat[:len(losses)], flat[len(losses):]
         self.global_running = {"loss": loss_sum / max(n, 1), "error": err_sum / max(n, 1)}
-        bad = (~torch.isfinite(window)).nonzero()
-        first_step, self.window = self.step - len(window) + 1, []
-        if len(bad):
+        bad = [i for i, v in enumerate(window) if not math.isfinite(v)]
+        if bad:
             where = f"; the last good checkpoint is in {self.out}" if self.out else ""
-            raise FlatcliError(f"the training loss became {float(window[bad[0]])} at step {first_step + int(bad[0])}"
-                               f"{where}", f"use a smaller learning rate than --lr {self.cfg.lr:g}")
+            step = self.step - len(window) + 1 + bad[0]
+            raise FlatcliError(f"the training loss became {window[bad[0]]} at step {step}{where}",
+                               f"use a smaller learning rate than --lr {self.cfg.lr:g}")
         return stops > 0
 
     def _set_lr(self):
@@ -171,8 +179,7 @@ class Trainer:
         while self.step < self.total_steps:
             self._set_lr()
             loss_sum, err_sum, n = self.stepper.step()
-            self.running = [self.running[0] + loss_sum, self.running[1] + err_sum, self.running[2] + n]
-            self.window.append(loss_sum)
+            self.window.append((loss_sum, err_sum, n))
             self.step, self.epoch_step = self.step + 1, self.epoch_step + 1
             end_of_epoch = self.epoch_step == self.steps_per_epoch
             stop = should_stop()
@@ -221,15 +228,15 @@ class Trainer:
     def _replica_metrics(self, center, center_test_error: float) -> dict:
         cfg = self.cfg
         center_train = evaluate_model(center, self.train_split, cfg.loss, cfg.amp)
-        errors = [[evaluate_model(m, split, cfg.loss, cfg.amp)[1] for m in self.models]
-                  for split in (self.train_split, self.test_split)]
-        sums = [torch.tensor(sum(e), dtype=torch.float64) for e in errors]
+        test = torch.tensor(sum(evaluate_model(m, self.test_split, cfg.loss, cfg.amp)[1] for m in self.models),
+                            dtype=torch.float64)
         if self.dist is not None:
-            distributed.all_reduce_(sums)
+            distributed.all_reduce_([test])
+        # the replicas' train error is the running one of the epoch (train_error): no extra passes over the data
         return {"replica_distance": self.stepper.replica_distance(),
                 "center_train_error": center_train[1], "center_test_error": center_test_error,
-                "replicas_train_error": float(sums[0]) / cfg.replicas,
-                "replicas_test_error": float(sums[1]) / cfg.replicas}
+                "replicas_train_error": self.global_running["error"],
+                "replicas_test_error": float(test) / cfg.replicas}
 
     # -- checkpoints --------------------------------------------------------------------------
     def metadata(self, complete: bool) -> dict:
@@ -258,9 +265,11 @@ class Trainer:
         """Write the run folder (rank 0 only; every rank takes part in gathering what it holds)."""
         out, meta = self.out, self.metadata(complete)
         center = self.stepper.report_model()
-        running = torch.stack(self.running).double()
+        running = list(self.running)
         if self.dist is not None:
-            distributed.all_reduce_([running])
+            total = torch.tensor(running, dtype=torch.float64, device=self.device)
+            distributed.all_reduce_([total])
+            running = total.tolist()
         streams = {a: s.state() for a, s in zip(self.replica_ids, self.streams)}
         if self.cfg.algo == "rsgd":
             replicas, replica_states, streams = self._gather_replicas()
@@ -275,7 +284,7 @@ class Trainer:
         ckpt.save_torch(out / ckpt.STATE, {
             "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "seconds": self.seconds,
             "optimizer": optimizer, "streams": streams,
-            "running": running.tolist(), "extra": extra})
+            "running": running, "extra": extra})
         write_text_atomic(out / ckpt.METRICS, rows_to_csv(self.rows))
 
     @classmethod
@@ -308,7 +317,7 @@ class Trainer:
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
         self.seconds = state["seconds"]
         if dist is None or dist.is_main:  # the saved sums are over all ranks: one rank carries them on
-            self.running = [torch.tensor(v, device=device, dtype=torch.float32) for v in state["running"]]
+            self.running = list(state["running"])
         self.rows = read_metrics(run / ckpt.METRICS)
         return self
 
