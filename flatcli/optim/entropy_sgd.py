@@ -4,6 +4,8 @@ import math
 
 import torch
 
+from flatcli.optim._momentum import momentum_direction
+
 # Defaults for a small MLP / conv net, after Chaudhari et al. and Pittorino et al., tuned on flatcli's
 # default problem (teacher data, mlp): at the same gradient budget they match SGD's test error there.
 DEFAULT_LR = 1.0              # η: outer step; 1 moves w all the way to the Langevin average μ
@@ -124,18 +126,8 @@ class EntropySGD(torch.optim.Optimizer):
     def _outer_step(self, group, ws, mus) -> None:
         ps = group["params"]
         d = torch._foreach_sub(ws, mus)                                 # w − μ ≈ ∇L_LE(w) / γ
-        m = group["momentum"]
-        if m:
-            for p in ps:
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            bufs = [self.state[p]["momentum_buffer"] for p in ps]
-            torch._foreach_mul_(bufs, m)
-            torch._foreach_add_(bufs, d)                                # b ← m b + d
-            if group["nesterov"]:
-                torch._foreach_add_(d, bufs, alpha=m)
-            else:
-                d = bufs
+        if group["momentum"]:
+            d = momentum_direction(self, ps, d, group["momentum"], group["nesterov"])
         torch._foreach_add_(ws, d, alpha=-group["lr"])                  # w ← w − η d
         torch._foreach_copy_(ps, ws)
         group["step_count"] += 1

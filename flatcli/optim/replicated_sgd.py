@@ -4,6 +4,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from flatcli.optim._momentum import momentum_direction
+
 DEFAULT_LR = 0.05          # η: SGD step of every replica
 DEFAULT_COUPLING = 0.1     # γ_0: pull of each replica to the center (η γ_0 per step sets how fast they meet)
 DEFAULT_COUPLING_EVERY = 1  # K: couple every K steps, with a K times stronger pull
@@ -112,13 +114,6 @@ class ReplicatedSGD(torch.optim.Optimizer):
 
     def _apply(self, group, params, d) -> None:
         """w ← w − η d, with torch.optim.SGD's momentum / Nesterov (dampening 0) when momentum > 0."""
-        m = group["momentum"]
-        if m:
-            for p in params:
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            bufs = [self.state[p]["momentum_buffer"] for p in params]
-            torch._foreach_mul_(bufs, m)
-            torch._foreach_add_(bufs, d)                                    # b ← m b + d
-            d = torch._foreach_add(d, bufs, alpha=m) if group["nesterov"] else bufs
+        if group["momentum"]:
+            d = momentum_direction(self, params, d, group["momentum"], group["nesterov"])
         torch._foreach_add_(params, d, alpha=-group["lr"])
