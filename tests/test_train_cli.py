@@ -184,3 +184,8 @@ def test_module_function_factory_trains_and_measures(tmp_path, monkeypatch):
     # labels 0..9 of the teacher data do not fit a model with two outputs
     assert_user_error(invoke("train", "--model", "mynets:two_outputs", "--steps", "1", "--out", "r2", *TINY),
                       "out of range", "10 outputs")
+
+
+def test_no_arguments_shows_help_and_no_empty_error():
+    result = invoke()
+    assert "Usage" in result.stdout + result.stderr and "error:" not in result.stderr

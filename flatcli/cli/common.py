@@ -74,6 +74,8 @@ class FlatcliGroup(TyperGroup):
             print_error(str(e))
             sys.exit(2)
         except USAGE_ERRORS as e:
+            if not e.format_message().strip():  # no arguments at all: the help already said everything
+                sys.exit(e.exit_code)
             command = " ".join(["flatcli", *e.ctx.command_path.split()[1:]]) if e.ctx else "flatcli"
             print_error(f"{describe_usage_error(e, args)} — see '{command} --help'")
             sys.exit(e.exit_code)
