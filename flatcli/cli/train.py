@@ -99,6 +99,8 @@ def train(
         if loss is None and data_obj.num_classes is None:
             cfg.loss = "mse"
         out = out or default_out(data or "teacher", model_spec.name, algo)
+        if (out / "model.safetensors").exists():
+            console.print(f"note: replacing the run in {out} (use --resume {out} to continue it instead)")
         if dist is not None:  # every rank must write into the same folder, the one rank 0 picked
             out = Path(distributed.broadcast(str(out)))
         trainer = Trainer(cfg, data_obj, model_spec, dev, out=out, dist=dist,
