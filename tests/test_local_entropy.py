@@ -2,7 +2,9 @@
 
     s(γ) = −(1/(2N)) Σ_i log(1 + h_i/γ),    ⟨|w' − w|²⟩_γ = Σ_i 1/(β (h_i + γ)).
 """
+import copy
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -68,7 +70,8 @@ def test_quadratic_energy_matches_closed_form_over_three_decades():
     h = np.geomspace(0.01, 10, 40)  # three decades of curvature
     model, energy = quadratic(h)
     gammas = [1, 3, 10, 30, 100, 300, 1000]  # three decades of γ
-    r = local_entropy(model, None, gammas, beta=50.0, loss=energy, steps=400, burn_in=100, chains=32)
+    r = local_entropy(model, None, gammas, beta=50.0, loss=energy, steps=400, burn_in=100, chains=32,
+                      chains_per_pass=32)
     assert [row.gamma for row in r.rows] == gammas
     check_closed_form(r, h)
     assert r.curvature == pytest.approx(10, rel=0.2)
@@ -90,7 +93,8 @@ def test_linear_regression_mse_matches_closed_form():
     model = nn.Linear(d, 1, bias=False)
     y = model(x.float()).detach()
     eig = np.linalg.eigvalsh((2 / n) * (x.T @ x).numpy())
-    r = local_entropy(model, (x.float(), y), [1, 10, 100, 1000], loss="mse", steps=400, burn_in=100, chains=32)
+    r = local_entropy(model, (x.float(), y), [1, 10, 100, 1000], loss="mse", steps=400, burn_in=100, chains=32,
+                      chains_per_pass=32)
     assert r.beta == n and r.n_examples == n and r.n_params == d
     check_closed_form(r, eig)
     assert all(math.isnan(row.error_mean) for row in r.rows)  # regression: no 0-1 error
@@ -103,7 +107,7 @@ def test_standard_error_is_honest_over_seeds():
     z = []
     for seed in range(10):
         r = local_entropy(model, None, [3.0, 30.0], beta=20.0, loss=energy, steps=120, burn_in=30, chains=16,
-                          seed=seed)
+                          chains_per_pass=16, seed=seed)
         z += [(row.local_entropy - exact_s(h, row.gamma)) / row.local_entropy_sem for row in r.rows]
     z = np.array(z)
     # z ≈ Student t with 15 degrees of freedom, mean z² ≈ 1.15 (over 100 seeds: 1.0, max |z| 3.1,
@@ -159,7 +163,8 @@ def test_sgld_on_minibatches_is_close_to_closed_form():
     model = nn.Linear(d, 1, bias=False)
     y = model(x).detach()
     eig = np.linalg.eigvalsh((2 / n) * (x.T @ x).double().numpy())
-    r = local_entropy(model, (x, y), [3.0, 30.0], loss="mse", batch_size=32, steps=600, burn_in=150, chains=64)
+    r = local_entropy(model, (x, y), [3.0, 30.0], loss="mse", batch_size=32, steps=600, burn_in=150, chains=64,
+                      chains_per_pass=64)
     assert r.sampler == "sgld" and math.isnan(r.acceptance) and all(math.isnan(p.acceptance) for p in r.ladder)
     check_closed_form(r, eig, tol=0.10)
 
@@ -168,6 +173,7 @@ def test_sgld_on_minibatches_is_close_to_closed_form():
     dict(gammas=[0.0]), dict(gammas=[-1.0]), dict(gammas=[float("nan")]), dict(gammas=[float("inf")]),
     dict(gammas=[]), dict(steps=0), dict(steps=10, burn_in=10), dict(burn_in=-1), dict(chains=0),
     dict(beta=0.0), dict(beta=-2.0), dict(langevin_lr=0.0), dict(batch_size=0), dict(loss="hinge"),
+    dict(chains_per_pass=0), dict(shard=(2, 2)),
     dict(data=None), dict(data=None, loss=lambda params: params["0.weight"].sum()),  # an energy needs beta
 ])
 def test_bad_arguments_raise_flatcli_error(kwargs):
@@ -186,3 +192,93 @@ def test_parse_gammas():
     for bad in ("abc", "", "1:2", "1:10:0", "1:10:x", "0,1", "-1:10:3", "1,nan", "1,inf", "1,,2"):
         with pytest.raises(FlatcliError):
             parse_gammas(bad)
+
+
+def run_sharded(world, measure):
+    """``measure(model_copy, shard=(r, world), gather=...)`` in ``world`` threads that meet in a real all-gather
+    (a barrier), as torchrun processes would. Returns each rank's result or exception, and the gather calls."""
+    box, out, calls = [None] * world, [None] * world, [0] * world
+    barrier = threading.Barrier(world, timeout=120)
+
+    def gather(rank):
+        def all_gather(tensor):
+            calls[rank] += 1
+            box[rank] = tensor
+            barrier.wait()
+            everyone = list(box)
+            barrier.wait()
+            return everyone
+        return all_gather
+
+    def rank_main(rank):
+        try:
+            out[rank] = measure(shard=(rank, world), gather=gather(rank))
+        except Exception as e:  # reported to the test
+            out[rank] = e
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out, calls
+
+
+def regression_problem(d=8, n=64, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    model = nn.Linear(d, 1, bias=False)
+    return model, (x, model(x).detach())
+
+
+@pytest.mark.parametrize("problem,chains,world", [
+    ("classifier", 5, 2), ("classifier", 5, 3), ("classifier", 1, 2),  # uneven splits, a rank with no chain
+    ("sgld", 3, 2), ("energy", 4, 3)])
+def test_sharded_chains_give_the_one_process_result_bit_for_bit(problem, chains, world):
+    """Chain c's randomness depends on (seed, c) only and the curvature is rank 0's: sharing the chains out and
+    gathering them reproduces the one-process numbers exactly (every row and every ladder point)."""
+    if problem == "energy":
+        model, energy = quadratic(np.geomspace(0.1, 10, 6))
+        kw = dict(data=None, loss=energy, beta=10.0)
+    elif problem == "sgld":
+        model, data = regression_problem()
+        kw = dict(data=data, loss="mse", batch_size=16)
+    else:
+        model, data = classifier()
+        kw = dict(data=data)
+    run = lambda **more: local_entropy(copy.deepcopy(model), gammas=[1.0, 10.0], steps=8, burn_in=3,
+                                       chains=chains, seed=7, **kw, **more)
+    one = run()
+    results, calls = run_sharded(world, run)
+    assert calls == [2] * world  # the curvature, then the per-chain statistics
+    for r in results:
+        assert repr(r) == repr(one)  # bit for bit (repr: NaN fields compare equal)
+    other = local_entropy(copy.deepcopy(model), gammas=[1.0, 10.0], steps=8, burn_in=3, chains=chains, seed=8, **kw)
+    assert repr(other) != repr(one)
+
+
+def test_passes_change_only_the_float_rounding():
+    """chains_per_pass groups the same chains (same generators, same steps) into vmapped passes differently;
+    only the rounding of the batched arithmetic differs. The progress total counts every pass."""
+    model, data = classifier()
+    totals = []
+    run = lambda k: local_entropy(model, data, [1.0, 10.0], steps=6, burn_in=2, chains=5, chains_per_pass=k,
+                                  callback=lambda done, total: totals.append(total))
+    one, two, five = run(1), run(2), run(5)
+    assert (one.chains_per_pass, two.chains_per_pass) == (1, 2)
+    for r in (two, five):
+        for a, b in zip(one.rows, r.rows):
+            assert a.local_entropy == pytest.approx(b.local_entropy, rel=1e-4, abs=1e-9)
+            assert a.distance == pytest.approx(b.distance, rel=1e-5)
+    assert sorted(set(totals)) == [len(one.ladder) * 6 * k for k in (1, 3, 5)]  # passes: 1, 3 and 5
+
+
+def test_a_diverged_chain_is_an_error_on_every_rank():
+    """SGLD with a step far too large: every rank raises the same FlatcliError (none waits for the others)."""
+    model, data = regression_problem()
+    run = lambda **more: local_entropy(copy.deepcopy(model), data, [1.0], loss="mse", batch_size=16,
+                                       langevin_lr=50.0, steps=60, burn_in=10, chains=3, **more)
+    with pytest.raises(FlatcliError, match="diverged"):
+        run()
+    results, _ = run_sharded(2, run)
+    assert all(isinstance(r, FlatcliError) and "diverged" in str(r) for r in results), results

@@ -103,31 +103,50 @@ class FlatEnergy:
 
 
 class Langevin:
-    """C chains of (MALA or SGLD) Langevin dynamics at one γ at a time; statistics per chain."""
+    """C chains of (MALA or SGLD) Langevin dynamics at one γ at a time; statistics per chain.
+
+    Chain c draws all its randomness (its noise ξ and, for MALA, its accept/reject uniforms) from its own
+    generator ``gens[c]``, and adapts its own step size, so what a chain does depends on nothing but its
+    generator: the same chain gives the same numbers whether it runs alone or next to others.
+    SGLD minibatches come from ``batch_gen`` and are shared by all chains.
+    """
 
     TARGET_ACCEPT = 0.6  # MALA step adaptation during burn-in aims here
 
-    def __init__(self, energy: FlatEnergy, beta: float, gen: torch.Generator, batch_size: int | None):
-        self.energy, self.beta, self.gen = energy, beta, gen
-        self.mala = batch_size is None or batch_size >= energy.n or energy.x is None
+    def __init__(self, energy: FlatEnergy, beta: float, gens: list[torch.Generator], batch_size: int | None,
+                 batch_gen: torch.Generator):
+        self.energy, self.beta, self.gens, self.batch_gen = energy, beta, gens, batch_gen
+        self.mala = self.is_mala(energy, batch_size)
         self.batch_size = batch_size
         self._perm, self._pos = None, 0
+
+    @staticmethod
+    def is_mala(energy: FlatEnergy, batch_size: int | None) -> bool:
+        """Full batch (no batch size, or one covering the data, or an energy of the parameters): MALA."""
+        return batch_size is None or batch_size >= energy.n or energy.x is None
 
     def _minibatch(self) -> torch.Tensor:
         """Indices of the next minibatch, walking through fresh random permutations."""
         if self._perm is None or self._pos + self.batch_size > self.energy.n:
-            self._perm = torch.randperm(self.energy.n, generator=self.gen, device=self.gen.device)
+            self._perm = torch.randperm(self.energy.n, generator=self.batch_gen, device=self.batch_gen.device)
             self._pos = 0
         self._pos += self.batch_size
         return self._perm[self._pos - self.batch_size:self._pos]
 
-    def _noise(self, delta, lr):
-        return (2 * lr / self.beta) ** 0.5 * torch.randn(delta.shape, generator=self.gen, device=delta.device)
+    def randn(self) -> torch.Tensor:
+        """ξ ~ N(0, I_N) for each chain, from the chain's own generator: (C, N) float32."""
+        device = self.energy.w.device
+        return torch.stack([torch.randn(self.energy.w.shape, generator=g, device=device) for g in self.gens])
+
+    def _noise(self, lr):
+        """sqrt(2η/β) ξ with each chain's own η: (C, N)."""
+        return (2 * lr / self.beta).sqrt().float()[:, None] * self.randn()
 
     @torch.no_grad()
     def run(self, delta, gamma, lr, steps, burn_in, adapt=False, tick=None):
-        """steps transitions from δ at coupling γ, the first burn_in discarded (and, with adapt, used to
-        tune lr toward TARGET_ACCEPT). Returns (δ, lr, {stat: (C,) mean over kept steps})."""
+        """steps transitions from δ (C, N) at coupling γ with step sizes lr (C,) float64, the first burn_in
+        discarded (and, with adapt, used to tune each chain's lr toward TARGET_ACCEPT).
+        Returns (δ, lr, {stat: (C,) mean over kept steps})."""
         names = ("dot", "sq", "loss", "error", "accept")  # dot = δ·∇L(w+δ), sq = |δ|²
         sums = {k: torch.zeros(len(delta), dtype=torch.float64, device=delta.device) for k in names}
         cur = self.energy(delta) if self.mala else None
@@ -135,13 +154,13 @@ class Langevin:
             if self.mala:
                 delta, cur, acc = self._mala(delta, cur, gamma, lr)
                 L, E, gL = cur
-                if adapt and step < burn_in:  # Robbins–Monro on log lr, frozen after burn-in
-                    lr *= float(torch.exp(0.05 * (acc.mean() - self.TARGET_ACCEPT)))
+                if adapt and step < burn_in:  # Robbins–Monro on log lr, per chain, frozen after burn-in
+                    lr = lr * torch.exp(0.05 * (acc - self.TARGET_ACCEPT))
             else:
                 L, E, gL = self.energy(delta, self._minibatch())
                 acc = torch.ones_like(L)
                 kept = delta
-                delta = delta - lr * (gL + gamma * delta) + self._noise(delta, lr)
+                delta = delta - lr.float()[:, None] * (gL + gamma * delta) + self._noise(lr)
             if step >= burn_in:
                 x = delta if self.mala else kept
                 for k, v in zip(names, ((x * gL).sum(1), (x * x).sum(1), L, E, acc)):
@@ -152,18 +171,18 @@ class Langevin:
 
     def _mala(self, delta, cur, gamma, lr):
         """One Metropolis-adjusted step; returns (δ, (L, ε, ∇L) at δ, acceptance probability (C,))."""
-        b = self.beta
+        b, eta = self.beta, lr.float()[:, None]
         L, _, gL = cur
         gU = gL + gamma * delta
-        prop = delta - lr * gU + self._noise(delta, lr)
+        prop = delta - eta * gU + self._noise(lr)
         L2, E2, gL2 = self.energy(prop)
         gU2 = gL2 + gamma * prop
         U = L.double() + gamma / 2 * (delta.double() ** 2).sum(1)
         U2 = L2.double() + gamma / 2 * (prop.double() ** 2).sum(1)
-        fwd = ((prop - delta + lr * gU).double() ** 2).sum(1)  # −log q(δ*|δ), times 4η/β
-        bwd = ((delta - prop + lr * gU2).double() ** 2).sum(1)
+        fwd = ((prop - delta + eta * gU).double() ** 2).sum(1)  # −log q(δ*|δ), times 4η/β
+        bwd = ((delta - prop + eta * gU2).double() ** 2).sum(1)
         log_a = -b * (U2 - U) - b * (bwd - fwd) / (4 * lr)  # NaN (a diverged proposal) rejects
-        u = torch.rand(log_a.shape, generator=self.gen, device=log_a.device, dtype=log_a.dtype)
+        u = torch.stack([torch.rand((), generator=g, device=log_a.device, dtype=log_a.dtype) for g in self.gens])
         ok = torch.log(u) < log_a
         pick = lambda new, old: torch.where(ok.view(-1, *[1] * (new.dim() - 1)), new, old)
         delta = pick(prop, delta)

@@ -8,11 +8,13 @@ The slope g(t) = γ ∂s/∂γ is measured by Langevin chains (flatcli.measure._
 in t = log γ, from γ_max = max(largest asked γ, 100 × the top Hessian eigenvalue) down to the smallest asked
 γ, each γ warm-started from the previous one. s(t) = −∫_t^{t_max} g dt − g(t_max): piecewise-cubic quadrature
 in t, plus the tail beyond γ_max where g ≈ c/γ. Each chain gives a whole curve s(γ); the reported value is
-the mean over chains and its standard error std/sqrt(chains).
+the mean over chains and its standard error std/sqrt(chains). Chain c draws its noise from a generator
+seeded with draw_seed(seed, c) and the curvature estimate from one seeded with seed, so processes can share
+the chains out (shard, gather) and reassemble the one-process result.
 
 Default step (lr parameterization δ ← δ − η∇U + sqrt(2η/β) ξ): η_γ = c/(h + γ), h the curvature estimate;
-c starts at min(1, 2 N^(-1/3)) and is tuned toward 60% acceptance during burn-in (MALA, full batch), or is
-fixed at 0.02 (SGLD, minibatches: discretization bias ≈ c/2 ≈ 1%, plus the usual minibatch-noise bias).
+c starts at min(1, 2 N^(-1/3)) and each chain tunes its own toward 60% acceptance during burn-in
+(MALA, full batch), or c is fixed at 0.02 (SGLD, minibatches: discretization bias ≈ c/2 ≈ 1%, plus the usual minibatch-noise bias).
 """
 import math
 from dataclasses import dataclass
@@ -24,9 +26,12 @@ import torch
 from flatcli.errors import FlatcliError
 from flatcli.losses import check_loss
 from flatcli.measure._langevin import FlatEnergy, Langevin
+from flatcli.measure._perturb import draw_seed
 
 TAIL_FACTOR = 100.0  # γ_max ≥ TAIL_FACTOR × curvature: the c/γ tail is then exact to ~0.5%
 SGLD_SCALE = 0.02  # η (h + γ) for SGLD
+BATCH_STREAM = -1  # draw_seed(seed, -1) orders the SGLD minibatches; chain c uses draw_seed(seed, c)
+STATS = ("dot", "sq", "loss", "error", "accept", "lr")  # per chain and γ: Langevin.run's means, then η
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class LocalEntropyResult:
     batch_size: int | None
     acceptance: float  # mean over the ladder; NaN for SGLD
     seed: int
+    chains_per_pass: int
 
 
 def parse_gammas(text: str) -> list[float]:
@@ -110,11 +116,15 @@ def integration_matrix(t: np.ndarray) -> np.ndarray:
     return M
 
 
-def _check(gammas, beta, steps, burn_in, chains, langevin_lr, batch_size, points_per_decade, loss, data):
+def _check(gammas, beta, steps, burn_in, chains, langevin_lr, batch_size, points_per_decade, loss, data,
+           chains_per_pass, shard):
     g = [float(v) for v in gammas]
     if not g or not all(math.isfinite(v) and v > 0 for v in g):
         raise FlatcliError(f"γ values must be finite and positive, got {list(gammas)}", "pass values > 0")
-    for name, v, lo in (("steps", steps, 1), ("chains", chains, 1), ("points per decade", points_per_decade, 1)):
+    if not 0 <= shard[0] < shard[1]:
+        raise FlatcliError(f"shard {tuple(shard)} is not (rank, world) with 0 ≤ rank < world", "pass e.g. (0, 2)")
+    for name, v, lo in (("steps", steps, 1), ("chains", chains, 1), ("points per decade", points_per_decade, 1),
+                        ("chains per pass", chains_per_pass, 1)):
         if int(v) != v or v < lo:
             raise FlatcliError(f"{name} must be an integer ≥ {lo}, got {v}", f"pass {name} ≥ {lo}")
     if int(burn_in) != burn_in or not 0 <= burn_in < steps:
@@ -136,7 +146,8 @@ def local_entropy(model: torch.nn.Module, data, gammas: Sequence[float], *, beta
                   steps: int = 120, burn_in: int = 30, chains: int = 4, langevin_lr: float | None = None,
                   batch_size: int | None = None, loss: str | Callable = "cross-entropy",
                   points_per_decade: int = 3, seed: int = 0,
-                  callback: Callable[[int, int], None] | None = None) -> LocalEntropyResult:
+                  callback: Callable[[int, int], None] | None = None, chains_per_pass: int = 4,
+                  shard: tuple[int, int] = (0, 1), gather: Callable | None = None) -> LocalEntropyResult:
     """Normalized local entropy s(γ) of the model's current weights w at each γ in gammas.
 
     data: (inputs, targets) tensors, or None with ``loss`` a callable energy(params: dict) -> scalar.
@@ -147,69 +158,125 @@ def local_entropy(model: torch.nn.Module, data, gammas: Sequence[float], *, beta
     (BatchNorm uses its stored statistics); its parameters and buffers are never changed.
     The defaults (120 steps with 30 burn-in, 4 chains, 3 ladder points per decade) take about a minute
     for a 20k-parameter MLP on 4000 examples on 2 CPU cores: one forward-backward pass per chain and step.
+    callback(done, total): after each Langevin step of a pass, total = (ladder length) × steps × passes.
+
+    chains_per_pass: the chains run in passes of this many (the last may hold fewer), each pass one
+    vectorized (vmap) evaluation per step; chain c is in pass c // chains_per_pass. Chain c draws its
+    randomness from its own generator, seeded from (seed, c), and tunes its own step, and a pass computes
+    exactly the same way wherever it runs: the result depends on seed, chains and chains_per_pass, not on
+    how the passes are shared out.
+    shard=(rank, world), gather: share the passes among processes. This process runs the passes
+    p ≡ rank (mod world); ``gather(tensor)`` must return every process's tensor in rank order (e.g. an
+    all-gather); it is called twice, for the curvature (rank 0's is used everywhere, so every process builds
+    the same γ ladder) and for the per-chain statistics. The result equals the one-process result bit for bit.
     """
-    gammas = _check(gammas, beta, steps, burn_in, chains, langevin_lr, batch_size, points_per_decade, loss, data)
+    gammas = _check(gammas, beta, steps, burn_in, chains, langevin_lr, batch_size, points_per_decade, loss, data,
+                    chains_per_pass, shard)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         energy = FlatEnergy(model, data, loss)
         beta = float(energy.n if beta is None else beta)
-        gen = torch.Generator(device=energy.w.device).manual_seed(seed)
-        return _measure(energy, gammas, beta, steps, burn_in, chains, langevin_lr, batch_size,
-                        points_per_decade, seed, gen, callback)
+        return _measure(energy, gammas, beta, steps, burn_in, chains, chains_per_pass, langevin_lr, batch_size,
+                        points_per_decade, seed, callback, shard, gather)
     finally:
         for m, mode in modes:
             m.training = mode
 
 
-def _measure(energy, gammas, beta, steps, burn_in, chains, langevin_lr, batch_size, ppd, seed, gen, callback):
-    N = energy.w.numel()
-    h = energy.curvature(gen)
+def _measure(energy, gammas, beta, steps, burn_in, chains, per_pass, langevin_lr, batch_size, ppd, seed,
+             callback, shard, gather):
+    N, device = energy.w.numel(), energy.w.device
+    passes = [list(range(c, min(c + per_pass, chains))) for c in range(0, chains, per_pass)]
+    h = energy.curvature(torch.Generator(device=device).manual_seed(seed))  # the same draws in every process
+    if gather is not None:  # rank 0's estimate everywhere: one ladder for all
+        h = float(gather(torch.tensor([h], dtype=torch.float64))[0][0])
     ladder = gamma_ladder(gammas, max(gammas[-1], TAIL_FACTOR * h), ppd)
-    sampler = Langevin(energy, beta, gen, batch_size)
-    total, done = len(ladder) * steps, [0]
+    mine = passes[shard[0]::shard[1]]
+    total, done = len(ladder) * steps * len(mine), [0]
 
     def tick():
         done[0] += 1
         if callback:
             callback(done[0], total)
 
-    stats, lrs = _run_ladder(sampler, ladder, h, chains, steps, burn_in, langevin_lr, tick)
-    col = lambda k: np.stack([st[k] for st in stats], axis=1)  # (chains, ladder)
-    slope = beta / (2 * N) * col("dot")  # γ ∂s/∂γ, Stein form
+    def sampler(chains):  # every pass walks the same minibatch sequence (SGLD)
+        gens = [torch.Generator(device=device).manual_seed(draw_seed(seed, c)) for c in chains]
+        return Langevin(energy, beta, gens, batch_size, torch.Generator(device=device).manual_seed(
+            draw_seed(seed, BATCH_STREAM)))
+
+    runs = [_run_ladder(sampler(chains), ladder, h, steps, burn_in, langevin_lr, tick) for chains in mine]
+    per_chain = torch.cat(runs) if runs else torch.zeros(0, len(ladder), len(STATS), dtype=torch.float64)
+    if gather is not None:
+        per_chain = _reassemble(gather(per_chain), passes)
+    return _summarize(per_chain.numpy(), gammas, ladder, beta, N, energy, h, Langevin.is_mala(energy, batch_size),
+                      steps, burn_in, chains, batch_size, seed, per_pass)
+
+
+def _reassemble(parts: list[torch.Tensor], passes: list[list[int]]) -> torch.Tensor:
+    """Every chain in chain order from ``world`` processes' results (process r: its passes r, r + world, ...)."""
+    world, taken, out = len(parts), [0] * len(parts), []
+    for p, chains in enumerate(passes):
+        r = p % world
+        out.append(parts[r][taken[r]:taken[r] + len(chains)])
+        taken[r] += len(chains)
+    return torch.cat(out)
+
+
+def _summarize(per_chain, gammas, ladder, beta, N, energy, h, mala, steps, burn_in, chains, batch_size, seed,
+               chains_per_pass):
+    """(chains, ladder, stats) per-chain means -> the rows at the asked γ, the ladder, the whole result."""
+    _check_finite(per_chain, ladder)
+    col = dict(zip(STATS, np.moveaxis(per_chain, 2, 0)))  # name -> (chains, ladder)
+    slope = beta / (2 * N) * col["dot"]  # γ ∂s/∂γ, Stein form
     curves = -slope @ integration_matrix(np.log(ladder)).T  # (chains, ladder): one s(γ) curve per chain
     sem = lambda a: a.std(0, ddof=1) / math.sqrt(chains) if chains > 1 else np.full(a.shape[1], np.nan)
     s, s_sem, slope_sem = curves.mean(0), sem(curves), sem(slope)
-    sq, loss_mean, err_mean = col("sq").mean(0), col("loss").mean(0), col("error").mean(0)
-    acc = col("accept").mean(0) if sampler.mala else np.full(len(ladder), np.nan)
+    sq, loss_mean, err_mean, lrs = (col[k].mean(0) for k in ("sq", "loss", "error", "lr"))
+    acc = col["accept"].mean(0) if mala else np.full(len(ladder), np.nan)
     idx = [int(np.argmin(np.abs(np.log(ladder) - math.log(g)))) for g in gammas]  # asked γ are on the ladder
     rows = [LocalEntropyRow(g, float(s[i]), float(s_sem[i]), float(sq[i] / N), float(loss_mean[i]),
                             float(err_mean[i])) for g, i in zip(gammas, idx)]
     points = [LadderPoint(float(g), float(lr), float(a), float(m), float(e), float(0.5 * (1 - beta * g * q / N)))
               for g, lr, a, m, e, q in zip(ladder, lrs, acc, slope.mean(0), slope_sem, sq)]
     return LocalEntropyResult(rows, points, beta, N, 0 if energy.x is None else energy.n, h,
-                              "mala" if sampler.mala else "sgld", steps, burn_in, chains, batch_size,
-                              float(acc.mean()), seed)
+                              "mala" if mala else "sgld", steps, burn_in, chains, batch_size,
+                              float(acc.mean()), seed, chains_per_pass)
 
 
-def _run_ladder(sampler, ladder, h, chains, steps, burn_in, langevin_lr, tick):
+def _check_finite(per_chain, ladder):
+    """A chain that blew up (SGLD with too large a step) is reported after the gather, so every process
+    raises the same error instead of one raising while the others wait."""
+    bad = ~np.isfinite(per_chain[:, :, :2]).all(axis=(0, 2))  # (ladder,): dot and sq
+    if bad.any():
+        i = int(np.nonzero(bad)[0].max())  # the chains run from the largest γ down
+        lr = per_chain[:, i, STATS.index("lr")].mean()
+        raise FlatcliError(f"the Langevin chain diverged at γ = {ladder[i]:g} with lr {lr:g}",
+                           "lower the Langevin lr, or leave it unset to choose it from the curvature")
+
+
+def _run_ladder(sampler, ladder, h, steps, burn_in, langevin_lr, tick) -> torch.Tensor:
     """Chains from the largest γ down, each γ warm-started from the previous one.
-    Returns per-γ statistics ({name: (chains,) array}) and step sizes, both in ascending γ."""
-    N, beta = sampler.energy.w.numel(), sampler.beta
-    scale = min(1.0, 2 * N ** (-1 / 3)) if sampler.mala else SGLD_SCALE  # c = η (h + γ)
+    Returns the per-chain means of STATS, (chains, ladder, len(STATS)) float64 on the CPU, in ascending γ;
+    NaN from the γ where a chain diverged on."""
+    C, N, beta = len(sampler.gens), sampler.energy.w.numel(), sampler.beta
+    device = sampler.energy.w.device
+    c0 = min(1.0, 2 * N ** (-1 / 3)) if sampler.mala else SGLD_SCALE
+    scale = torch.full((C,), c0, dtype=torch.float64, device=device)  # c = η (h + γ), per chain
     # start near equilibrium at γ_max ≫ h: p_γmax ≈ N(0, I/(β γ_max))
-    delta = torch.randn(chains, N, generator=sampler.gen, device=sampler.gen.device) / math.sqrt(beta * ladder[-1])
-    stats, lrs, prev = [], [], None
-    for gamma in map(float, ladder[::-1]):
+    delta = sampler.randn() / math.sqrt(beta * ladder[-1])
+    out = torch.full((C, len(ladder), len(STATS)), math.nan, dtype=torch.float64)
+    prev = None
+    for j in reversed(range(len(ladder))):
+        gamma = float(ladder[j])
         if prev:  # flat directions (h ≪ γ) get their exact variance 1/(βγ) at once; stiff ones relax fast
             delta = delta * math.sqrt(prev / gamma)
-        lr = langevin_lr or scale / (h + gamma)
+        lr = torch.full_like(scale, langevin_lr) if langevin_lr else scale / (h + gamma)
         delta, lr, st = sampler.run(delta, gamma, lr, steps, burn_in,
                                     adapt=sampler.mala and langevin_lr is None, tick=tick)
-        if not torch.isfinite(delta).all():
-            raise FlatcliError(f"the Langevin chain diverged at γ = {gamma:g} with lr {lr:g}",
-                               "lower the Langevin lr, or leave it unset to choose it from the curvature")
+        out[:, j] = torch.stack([*(st[k] for k in STATS[:-1]), lr], 1).cpu()
+        if not torch.isfinite(delta).all():  # stop here; marked for _check_finite
+            out[:, j, :2] = math.nan
+            break
         scale, prev = lr * (h + gamma), gamma
-        stats.append({k: v.cpu().numpy() for k, v in st.items()})
-        lrs.append(lr)
-    return stats[::-1], lrs[::-1]
+    return out
