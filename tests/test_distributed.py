@@ -102,3 +102,21 @@ def test_local_energy_matches_one_process_exactly(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout == one.stdout  # draw k is the same noise on any rank: bit-identical CSV
     assert len(list(csv.DictReader(io.StringIO(two.stdout)))) == 3
+
+
+def test_local_entropy_matches_one_process_exactly(tmp_path):
+    """Passes of chains shared out (rank 0: passes 0 and 2, rank 1: pass 1) and gathered: the one-process CSV,
+    byte for byte, against a single process with the same one thread that torchrun gives each rank."""
+    run = tmp_path / "run"
+    assert invoke("train", "--steps", "5", *TINY, "--out", run).exit_code == 0
+    args = ["local-entropy", run, "--gammas", "1,10", "--steps", "6", "--burn-in", "2", "--chains", "5",
+            "--chains-per-pass", "2", "--max-examples", "32", "--seed", "3", "--device", "cpu", "--csv", "-"]
+    one = subprocess.run([sys.executable, "-m", "flatcli", *map(str, args)], capture_output=True, text=True,
+                         timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun("-m", "flatcli", *args)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout == one.stdout  # chain c is the same chain, computed the same way, on any rank
+    rows = list(csv.DictReader(io.StringIO(two.stdout)))
+    assert len(rows) == 2 and {r["chains"] for r in rows} == {"5"}
+    assert two.stderr.count("local-entropy on 1 checkpoint(s)") == 1  # rank 0 alone speaks

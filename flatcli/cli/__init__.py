@@ -7,6 +7,7 @@ import flatcli
 from flatcli.cli.common import FlatcliGroup
 from flatcli.cli.info import info
 from flatcli.cli.local_energy import local_energy
+from flatcli.cli.local_entropy import local_entropy
 from flatcli.cli.train import train
 
 app = typer.Typer(cls=FlatcliGroup, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -29,6 +30,7 @@ def root(version: Annotated[bool, typer.Option("--version", callback=version_cal
 app.command()(train)
 app.command()(info)
 app.command("local-energy")(local_energy)
+app.command("local-entropy")(local_entropy)
 
 
 def main() -> None:

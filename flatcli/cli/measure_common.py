@@ -186,7 +186,7 @@ class SweepProgress:
                 progress.advance(units)
     """
 
-    def __init__(self, description: str, total: int, console):
+    def __init__(self, description: str, total: Optional[int], console):
         self.bar, self.description, self.total, self.offset = progress_bar(console), description, total, 0
 
     def __enter__(self) -> "SweepProgress":
@@ -197,12 +197,18 @@ class SweepProgress:
     def __exit__(self, *exc):
         return self.bar.__exit__(*exc)
 
-    def callback(self, label: str):
-        """The callback for the next checkpoint: its ``done`` counts from where the previous ones ended."""
+    def callback(self, label: str, remaining: Optional[int] = None):
+        """The callback for the next checkpoint: its ``done`` counts from where the previous ones ended.
+
+        ``remaining``: when a checkpoint's work is known only once the library reports its ``total`` (the bar
+        was made with ``total=None``), the checkpoints left, this one included; the bar's total becomes the
+        work done so far + remaining × total.
+        """
         offset = self.offset
 
         def update(done: int, total: int) -> None:
-            self.bar.update(self.task, completed=offset + done, info=label)
+            size = {} if remaining is None else {"total": offset + remaining * total}
+            self.bar.update(self.task, completed=offset + done, info=label, **size)
         return update
 
     def advance(self, units: int) -> None:
