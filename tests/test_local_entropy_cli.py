@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from clitools import assert_user_error, invoke, same_tensors, weights
 from flatcli.loading import load_checkpoint
@@ -22,7 +23,7 @@ from flatcli.measure import local_entropy
 cli_module = importlib.import_module("flatcli.cli.local_entropy")  # (flatcli.cli.local_entropy is the command)
 HEADER = "checkpoint,gamma,local_entropy,local_entropy_sem,distance,loss_mean,error_mean"
 NUMBERS = ["gamma", "local_entropy", "local_entropy_sem", "distance", "loss_mean", "error_mean", "beta",
-           "acceptance", "langevin_lr", "curvature"]
+           "acceptance", "langevin_lr", "curvature", "checkpoint_loss", "checkpoint_error"]
 TINY = ["--n-train", "256", "--n-test", "128", "--batch-size", "32", "--width", "16", "--device", "cpu"]
 FAST = ["--steps", "6", "--burn-in", "2", "--chains", "2", "--max-examples", "64"]
 
@@ -116,6 +117,7 @@ def test_closed_form_linear_regression_through_the_cli(regression):
         assert row["distance"] == pytest.approx(distance, rel=0.05), row
         assert row["beta"] == n and row["sampler"] == "mala" and row["examples"] == str(n)
         assert row["parameters"] == "24" and math.isnan(row["error_mean"])  # regression: no 0-1 error
+        assert 0 <= row["checkpoint_loss"] < 1e-9 and math.isnan(row["checkpoint_error"])  # w = w*: L(w) = 0
         assert 0.4 < row["acceptance"] < 0.8 and row["curvature"] == pytest.approx(10, rel=0.2)
     assert rows[0]["local_entropy"] < 5 * rows[-1]["local_entropy"] < 0  # the curve moves with γ: a real test
 
@@ -131,6 +133,11 @@ def test_rows_are_the_library_result_exactly(runs, beta):
     assert numbers(rows) == [[r.gamma, r.local_entropy, r.local_entropy_sem, r.distance, r.loss_mean,
                               r.error_mean] for r in result.rows]
     assert {r["beta"] for r in rows} == {beta or 64.0} and {r["curvature"] for r in rows} == {result.curvature}
+    with torch.no_grad():  # the checkpoint's own loss and error on those examples, by hand
+        out = loaded.model(x[idx])
+    for row in rows:
+        assert row["checkpoint_loss"] == pytest.approx(float(F.cross_entropy(out, y[idx])), rel=1e-6)
+        assert row["checkpoint_error"] == pytest.approx(float((out.argmax(1) != y[idx]).float().mean()), abs=1e-7)
 
 
 def test_several_checkpoints_in_one_csv(runs, tmp_path):
@@ -235,6 +242,7 @@ def test_replicas_of_an_rsgd_run(runs):
 
 
 FLAKY = '''from torch import nn
+from torch.nn import functional as F
 from flatcli.errors import FlatcliError
 
 class Flaky(nn.Linear):

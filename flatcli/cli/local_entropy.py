@@ -19,8 +19,8 @@ from flatcli.measure import local_entropy as measure_local_entropy
 
 DEFAULT_GAMMAS = "0.3,1,3,10,30,100,300"
 COLUMNS = ["checkpoint", "gamma", "local_entropy", "local_entropy_sem", "distance", "loss_mean", "error_mean",
-           "beta", "chains", "steps", "burn_in", "sampler", "acceptance", "langevin_lr", "curvature", "examples",
-           "parameters", "loss_function", "split", "seed"]
+           "beta", "chains", "steps", "burn_in", "sampler", "acceptance", "langevin_lr", "curvature",
+           "checkpoint_loss", "checkpoint_error", "examples", "parameters", "loss_function", "split", "seed"]
 
 
 def local_entropy(
@@ -121,7 +121,8 @@ def details(ckpt, result: LocalEntropyResult) -> dict:
     """What the measurement resolved for one checkpoint: β, curvature, sampler and the whole internal ladder."""
     return {"checkpoint": ckpt.label, "beta": result.beta, "examples": result.n_examples,
             "parameters": result.n_params, "curvature": result.curvature, "sampler": result.sampler,
-            "acceptance": result.acceptance, "loss_function": ckpt.loss,
+            "acceptance": result.acceptance, "loss_function": ckpt.loss, "checkpoint_loss": result.loss,
+            "checkpoint_error": result.error,
             "ladder": [vars(p) for p in result.ladder]}
 
 
@@ -134,18 +135,19 @@ def entropy_rows(ckpt, result: LocalEntropyResult, settings: dict) -> list[dict]
              "error_mean": r.error_mean, "beta": result.beta, "chains": result.chains, "steps": result.steps,
              "burn_in": result.burn_in, "sampler": result.sampler, "acceptance": nearest(r.gamma).acceptance,
              "langevin_lr": nearest(r.gamma).langevin_lr, "curvature": result.curvature,
-             "examples": result.n_examples, "parameters": result.n_params, "loss_function": ckpt.loss,
+             "checkpoint_loss": result.loss, "checkpoint_error": result.error, "examples": result.n_examples,
+             "parameters": result.n_params, "loss_function": ckpt.loss,
              "split": settings["split"], "seed": settings["seed"]} for r in result.rows]
 
 
 def entropy_tables(labels: list[str], results: list[LocalEntropyResult], settings: dict) -> list:
     """Rows = γ, one column per checkpoint: s ± sem (closer to 0 = flatter), then the distance and loss."""
     first = results[0]
-    sizes = sorted({r.n_examples for r in results})
-    examples = f"{sizes[0]} examples" if len(sizes) == 1 else "examples: see the CSV"
-    betas = sorted({r.beta for r in results})
-    beta = f"β {betas[0]:g}" if len(betas) == 1 else "β: see the CSV"
-    about = (f"{first.sampler.upper()} · {first.chains} chains × {first.steps} steps ({first.burn_in} burn-in) · "
+    shared = lambda name, text: (text.format(getattr(first, name)) if len({getattr(r, name) for r in results}) == 1
+                                 else f"{name.replace('n_', '')}: see the CSV")
+    examples, beta = shared("n_examples", "{} examples"), shared("beta", "β {:g}")
+    about = (f"{shared('sampler', '{}').upper()} · {first.chains} chains × {first.steps} steps "
+             f"({first.burn_in} burn-in) · "
              f"split {settings['split']} ({examples}) · {beta} · seed {settings['seed']}")
     head = lambda label, r: f"{label}\ncurvature {fmt(r.curvature, 3)}"
     s_rows = [[f"{g:g}"] + [plus_minus(r.rows[j].local_entropy, r.rows[j].local_entropy_sem) for r in results]
@@ -154,5 +156,7 @@ def entropy_tables(labels: list[str], results: list[LocalEntropyResult], setting
               for j, g in enumerate(settings["gammas"])]
     return [table(f"s(γ) ± sem (local entropy per parameter; 0 = flat, closer to 0 = flatter) · {about}",
                   ["γ"] + [head(label, r) for label, r in zip(labels, results)], s_rows),
-            table("⟨|w' − w|²⟩/N (mean squared distance per parameter) and ⟨L(w')⟩ (mean loss) at each γ",
-                  ["γ"] + [f"{label}\n{what}" for label in labels for what in ("distance", "loss")], d_rows)]
+            table("⟨|w' − w|²⟩/N (mean squared distance per parameter) and ⟨L(w')⟩ (mean loss) at each γ; "
+                  "L(w) is the checkpoint's own loss",
+                  ["γ"] + [f"{label}\n{what}" for label, r in zip(labels, results)
+                           for what in ("distance", f"loss (L(w) {r.loss:.4g})")], d_rows)]

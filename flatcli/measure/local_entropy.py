@@ -47,7 +47,7 @@ class LocalEntropyRow:
 @dataclass(frozen=True)
 class LadderPoint:
     gamma: float
-    langevin_lr: float  # η at this γ (after burn-in adaptation)
+    langevin_lr: float  # η at this γ (after burn-in adaptation), mean over chains
     acceptance: float  # mean MALA acceptance probability; NaN for SGLD
     slope: float  # γ ∂s/∂γ, Stein form (the one integrated)
     slope_sem: float
@@ -70,6 +70,8 @@ class LocalEntropyResult:
     acceptance: float  # mean over the ladder; NaN for SGLD
     seed: int
     chains_per_pass: int
+    loss: float  # L(w), the checkpoint's own loss: ⟨L(w')⟩ below it means the chains went downhill
+    error: float  # ε(w); NaN for regression and custom losses
 
 
 def parse_gammas(text: str) -> list[float]:
@@ -192,6 +194,7 @@ def _measure(energy, gammas, beta, steps, burn_in, chains, per_pass, langevin_lr
     if gather is not None:  # rank 0's estimate everywhere: one ladder for all
         h = float(gather(torch.tensor([h], dtype=torch.float64))[0][0])
     ladder = gamma_ladder(gammas, max(gammas[-1], TAIL_FACTOR * h), ppd)
+    at_w = [float(v[0]) for v in energy(torch.zeros(1, N, device=device))[:2]]  # L(w), ε(w)
     mine = passes[shard[0]::shard[1]]
     total, done = len(ladder) * steps * len(mine), [0]
 
@@ -210,7 +213,7 @@ def _measure(energy, gammas, beta, steps, burn_in, chains, per_pass, langevin_lr
     if gather is not None:
         per_chain = _reassemble(gather(per_chain), passes)
     return _summarize(per_chain.numpy(), gammas, ladder, beta, N, energy, h, Langevin.is_mala(energy, batch_size),
-                      steps, burn_in, chains, batch_size, seed, per_pass)
+                      steps, burn_in, chains, batch_size, seed, per_pass, at_w)
 
 
 def _reassemble(parts: list[torch.Tensor], passes: list[list[int]]) -> torch.Tensor:
@@ -224,7 +227,7 @@ def _reassemble(parts: list[torch.Tensor], passes: list[list[int]]) -> torch.Ten
 
 
 def _summarize(per_chain, gammas, ladder, beta, N, energy, h, mala, steps, burn_in, chains, batch_size, seed,
-               chains_per_pass):
+               chains_per_pass, at_w):
     """(chains, ladder, stats) per-chain means -> the rows at the asked γ, the ladder, the whole result."""
     _check_finite(per_chain, ladder)
     col = dict(zip(STATS, np.moveaxis(per_chain, 2, 0)))  # name -> (chains, ladder)
@@ -241,7 +244,7 @@ def _summarize(per_chain, gammas, ladder, beta, N, energy, h, mala, steps, burn_
               for g, lr, a, m, e, q in zip(ladder, lrs, acc, slope.mean(0), slope_sem, sq)]
     return LocalEntropyResult(rows, points, beta, N, 0 if energy.x is None else energy.n, h,
                               "mala" if mala else "sgld", steps, burn_in, chains, batch_size,
-                              float(acc.mean()), seed, chains_per_pass)
+                              float(acc.mean()), seed, chains_per_pass, *at_w)
 
 
 def _check_finite(per_chain, ladder):
