@@ -9,12 +9,13 @@ in t = log γ, from γ_max = max(largest asked γ, 100 × the top Hessian eigenv
 γ, each γ warm-started from the previous one. s(t) = −∫_t^{t_max} g dt − g(t_max): piecewise-cubic quadrature
 in t, plus the tail beyond γ_max where g ≈ c/γ. Each chain gives a whole curve s(γ); the reported value is
 the mean over chains and its standard error std/sqrt(chains). Chain c draws its noise from a generator
-seeded with draw_seed(seed, c) and the curvature estimate from one seeded with seed, so processes can share
-the chains out (shard, gather) and reassemble the one-process result.
+seeded with draw_seed(seed, c) and the curvature estimate from one seeded with seed; chains run in passes of
+fixed composition, so processes can share the passes out (shard, gather) and reassemble the one-process result.
 
 Default step (lr parameterization δ ← δ − η∇U + sqrt(2η/β) ξ): η_γ = c/(h + γ), h the curvature estimate;
 c starts at min(1, 2 N^(-1/3)) and each chain tunes its own toward 60% acceptance during burn-in
-(MALA, full batch), or c is fixed at 0.02 (SGLD, minibatches: discretization bias ≈ c/2 ≈ 1%, plus the usual minibatch-noise bias).
+(MALA, full batch), or c is fixed at 0.02 (SGLD, minibatches: discretization bias ≈ c/2 ≈ 1%, plus the
+usual minibatch-noise bias).
 """
 import math
 from dataclasses import dataclass
