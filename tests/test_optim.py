@@ -381,3 +381,14 @@ def test_rsgd_rejects_one_replica_and_mismatched_shapes():
 def test_esgd_step_needs_a_closure():
     with pytest.raises(ValueError, match="closure"):
         EntropySGD(make_model(0).parameters()).step(None)
+
+
+def test_the_optimizers_defaults_are_the_cli_defaults():
+    """`ReplicatedSGD(params)` in a notebook and `flatcli train --algo rsgd` step with the same η (eSGD too)."""
+    import inspect
+
+    from flatcli.training.config import DEFAULT_LR, TrainConfig
+    for cls, algo in ((ReplicatedSGD, "rsgd"), (EntropySGD, "esgd")):
+        assert inspect.signature(cls).parameters["lr"].default == DEFAULT_LR[algo]
+        assert TrainConfig(algo=algo).validate().lr == DEFAULT_LR[algo]
+    assert inspect.signature(ReplicatedSGD).parameters["coupling"].default == TrainConfig().gamma

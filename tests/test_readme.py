@@ -48,3 +48,22 @@ def test_scaling_section_runs_as_written_with_two_processes(tmp_path):
         assert result.returncode == 0, (line, result.stderr[-2000:])
     for output in re.findall(r"--csv (\S+)", " ".join(lines)):
         assert (tmp_path / output).read_text().startswith("checkpoint,")
+
+
+def test_every_relative_link_in_the_readme_and_the_report_resolves():
+    for doc in (ROOT / "README.md", ROOT / "docs" / "reproduction" / "README.md"):
+        links = re.findall(r"\]\(([^)#\s]+)\)", doc.read_text())
+        local = [link for link in links if "://" not in link]
+        assert local, doc
+        missing = [link for link in local if not (doc.parent / link).exists()]
+        assert not missing, f"{doc.relative_to(ROOT)} links to missing files: {missing}"
+
+
+def test_the_reproduction_section_regenerates_the_committed_report():
+    section = README.split("## Reproducing the seed's claims", 1)[1].split("\n## ", 1)[0]
+    commands = [line.strip() for line in section.splitlines() if line.startswith("    ")]
+    assert commands == ['pip install -e ".[plot]" && python examples/sweep.py && python examples/reproduce.py']
+    report = (ROOT / "docs" / "reproduction" / "README.md").read_text()
+    tuning = (ROOT / "docs" / "reproduction" / "tuning.md").read_text()
+    assert "\n    python examples/reproduce.py\n" in report  # the report was made by the command the README shows
+    assert "\n    python examples/sweep.py\n" in tuning

@@ -165,3 +165,43 @@ def test_the_larger_protocols_in_the_report_parse():
         o = reproduce.parse_args(argv)
         assert o.data in ("fashion-mnist", "cifar10") and o.device == "cuda" and o.jobs == 1
         assert o.data_dir == str(Path("data").resolve())  # torchvision data from here, not from the work folder
+
+
+# ---------------------------------------------------------------- the settings search behind the defaults
+
+SWEEP = ROOT / "examples" / "sweep.py"
+
+
+def test_the_sweep_grid_is_named_uniquely_and_compares_with_sgd():
+    sys.path.insert(0, str(SWEEP.parent))
+    import sweep
+    grid = sweep.default_grid(30)
+    assert grid[0].args == ("--algo", "sgd") and len({s.name for s in grid}) == len(grid)
+    assert "sgd-10ep" in {s.name for s in grid}
+    o = sweep.parse_args(["--only", "rsgd-g1,esgd", "--seeds", "7"])
+    cmd = sweep.command(o.grid[0], 7, o)
+    assert cmd[-6:] == ["--algo", "rsgd", "--gamma", "1", "--out", "runs/rsgd-g1-s7"]
+    assert cmd[cmd.index("--seed") + 1] == "7"
+
+
+def test_a_tiny_sweep_reports_the_csvs_numbers(tmp_path):
+    done = subprocess.run([sys.executable, str(SWEEP), "--only", "sgd,esgd", "--seeds", "1,2", "--steps", "5",
+                           "--n-train", "200", "--n-test", "200", "--jobs", "2", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = rows(tmp_path / "tuning.csv")
+    assert [(r["setting"], r["seed"], r["status"]) for r in runs] == \
+        [("sgd", "1", "ok"), ("sgd", "2", "ok"), ("esgd", "1", "ok"), ("esgd", "2", "ok")]
+    test = {s: [float(r["test_error"]) for r in runs if r["setting"] == s] for s in ("sgd", "esgd")}
+    body = table_rows((tmp_path / "tuning.md").read_text(), "| setting |")
+    assert [r[0] for r in body] == ["`sgd`", "`esgd`"]
+    mean, sem = np.mean(test["esgd"]), np.std(test["esgd"], ddof=1) / math.sqrt(2)
+    assert body[1][3] == f"{100 * mean:.2f} ± {100 * sem:.2f}"
+    assert body[1][5].startswith(f"{100 * (mean - np.mean(test['sgd'])):+.2f} ± ")
+
+
+def test_the_sweep_names_an_unknown_setting():
+    done = subprocess.run([sys.executable, str(SWEEP), "--only", "sgd,nope"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert done.returncode == 2 and "--only nope: no such setting" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -6,7 +6,7 @@ import torch
 
 from flatcli.optim._momentum import momentum_direction
 
-DEFAULT_LR = 0.05          # η: SGD step of every replica
+DEFAULT_LR = 0.1           # η: SGD step of every replica (the same as SGD's, so the two compare at one step size)
 DEFAULT_COUPLING = 0.1     # γ_0: pull of each replica to the center (η γ_0 per step sets how fast they meet)
 DEFAULT_COUPLING_EVERY = 1  # K: couple every K steps, with a K times stronger pull
 DEFAULT_GAMMA_GROWTH = 0.0  # γ_1: scoping γ_t = γ_0 (1 + γ_1)^t, off by default

@@ -10,7 +10,7 @@ from flatcli.losses import check_loss
 ALGOS = ("sgd", "esgd", "rsgd")
 SCHEDULES = ("constant", "cosine", "step")
 # eSGD's outer step w ← w − η (w − μ) moves w to μ at η = 1; the inner Langevin rate η' plays SGD's part.
-DEFAULT_LR = {"sgd": 0.1, "esgd": esgd_defaults.DEFAULT_LR, "rsgd": 0.1}
+DEFAULT_LR = {"sgd": 0.1, "esgd": esgd_defaults.DEFAULT_LR, "rsgd": rsgd_defaults.DEFAULT_LR}
 
 
 @dataclass
