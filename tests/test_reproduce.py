@@ -205,3 +205,22 @@ def test_the_sweep_names_an_unknown_setting():
                           cwd=ROOT, timeout=60)
     assert done.returncode == 2 and "--only nope: no such setting" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_other_data_and_models_pass_through_with_paths_as_the_user_gave_them(fashion_mnist_dir, tmp_path):
+    """The same protocol on torchvision-format files under ./data (flatcli's default --data-dir), from that folder."""
+    out = tmp_path / "report"
+    args = ["--data", "fashion-mnist", "--model", "linear", "--seeds", "0", "--no-control", "--family", "none",
+            "--steps", "3", "--max-examples", "12", "--sigmas", "0,0.1", "--sigma-star", "0.1", "--samples", "2",
+            "--gammas", "1", "--gamma-star", "1", "--chains", "2", "--entropy-steps", "4", "--burn-in", "1",
+            "--jobs", "2", "--out", str(out)]
+    done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = rows(out / "runs.csv")
+    assert [(r["run"], r["status"]) for r in runs] == [(n, "ok") for n in RUNS]
+    assert len(rows(out / "local_energy.csv")) == 6 and len(rows(out / "local_entropy.csv")) == 3
+    report = (out / "README.md").read_text()
+    assert "flatcli train --data fashion-mnist --model linear --device cpu" in report
+    assert "--data-dir data " in report and str(tmp_path) not in report
+    assert "### Why these settings" not in report  # the notes are about the default data and model only
