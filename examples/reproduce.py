@@ -16,6 +16,7 @@ the wall time goes to a separate file (timing.md).
 """
 import argparse
 import csv
+import hashlib
 import importlib.util
 import io
 import json
@@ -68,9 +69,27 @@ def parse_family(text: str) -> list[tuple[int, float]]:
         raise SystemExit(f"error: --family {text!r} is not a list of BATCH:LR pairs — write e.g. 16:0.02,256:0.3")
 
 
-def replicas_of(rsgd_args: list[str]) -> int:
-    """y, the number of rSGD replicas: the value of --replicas in the rSGD options, else flatcli's default 3."""
-    return int(rsgd_args[rsgd_args.index("--replicas") + 1]) if "--replicas" in rsgd_args else 3
+def checked_list(p: argparse.ArgumentParser, flag: str, text: str, kind) -> list:
+    """A comma-separated list of distinct numbers, or a one-line error naming the flag."""
+    try:
+        values = parse_list(text, kind)
+    except ValueError:
+        p.error(f"{flag} {text!r} is not a comma-separated list of {'integers' if kind is int else 'numbers'} — "
+                "write e.g. 0,1,2")
+    if not values or len(set(values)) != len(values):
+        p.error(f"{flag} {text!r} must list at least one value, each once")
+    return values
+
+
+def replicas_of(p: argparse.ArgumentParser, rsgd_args: list[str]) -> int:
+    """y, the number of rSGD replicas: --replicas in the rSGD options (either spelling), else flatcli's 3."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    parser.add_argument("--replicas", default="3")
+    try:
+        return int(parser.parse_known_args(rsgd_args)[0].replicas)
+    except (argparse.ArgumentError, ValueError):
+        p.error(f"--rsgd-args {shlex.join(rsgd_args)!r} has no integer after --replicas — write e.g. "
+                "--rsgd-args '--replicas 5'")
 
 
 def plan_runs(o) -> list[Run]:
@@ -81,7 +100,7 @@ def plan_runs(o) -> list[Run]:
         runs.append(Run(f"esgd-s{seed}", "esgd", seed, ("--algo", "esgd", *o.esgd_args)))
         runs.append(Run(f"rsgd-s{seed}", "rsgd", seed, ("--algo", "rsgd", *o.rsgd_args)))
         if o.control:
-            y = replicas_of(o.rsgd_args)
+            y = o.replicas
             runs.append(Run(f"sgd-compute-s{seed}", CONTROL, seed,
                             ("--algo", "sgd", *o.sgd_args, "--batch-size", str(y * o.batch_size),
                              "--epochs", str(y * o.epochs))))
@@ -222,8 +241,10 @@ def difference(a: list[float], b: list[float]) -> tuple[float, float]:
 
 def verdict(diff: float, se: float, lower_is: str, higher_is: str) -> str:
     """Plain words for a difference: resolved only when it is more than two standard errors from 0."""
-    if not math.isfinite(se) or se == 0:
+    if not math.isfinite(se):
         return "not resolved (too few runs)"
+    if se == 0 and diff == 0:
+        return "no difference"
     if abs(diff) <= 2 * se:
         return "not resolved"
     return lower_is if diff < 0 else higher_is
@@ -458,8 +479,8 @@ def matplotlib_version() -> str | None:
     return matplotlib.__version__
 
 
-def canonical_command(argv: list[str]) -> str:
-    """The reproduce command as given, without --out, --work and --reuse (they only say where files go)."""
+def canonical_command(argv: list[str], script: str = "examples/reproduce.py") -> str:
+    """The command as given, without --out, --work and --reuse (they only say where files go)."""
     parts, skip = [], False
     for i, a in enumerate(argv):
         if skip:
@@ -471,7 +492,7 @@ def canonical_command(argv: list[str]) -> str:
         if a.startswith(("--out=", "--work=")) or a == "--reuse":
             continue
         parts.append(a)
-    return shlex.join(["python", "examples/reproduce.py", *parts])
+    return shlex.join(["python", script, *parts])
 
 
 def shown(args: list[str], o) -> str:
@@ -487,8 +508,8 @@ standard error of the mean over the 4 seeds).
 
 - **Budget 30 epochs, not flatcli's default 10.** After 10 epochs SGD still misclassifies 9.2 % of the training
   set: it has not reached a minimum, so "a flatter minimum" has nothing to refer to yet. After 30 epochs the
-  main runs end at 0–1.2 % training error (the tables below). The test-error ranking at 10 epochs is the same as at 30: SGD
-  18.31 ± 0.40 %, eSGD 17.90 ± 0.50 %, rSGD 17.12 ± 0.28 %.
+  main runs end at 0–1.2 % training error (the tables below). The test-error ranking at 10 epochs is the
+  same as at 30: SGD 18.31 ± 0.40 %, eSGD 17.90 ± 0.50 %, rSGD 17.12 ± 0.28 %.
 - **eSGD is left at flatcli's defaults (L 2, η' 0.25, γ 0.1, ε 1e-4), because no setting tried does better.**
   Against SGD's 17.50 ± 0.31 %, none of the 18 settings L ∈ {5, 20} × η' ∈ {0.1, 0.25, 0.5} × γ ∈ {0.03, 0.3, 3},
   nor γ scoped from 0.03 up about ×100 over the run, nor more Langevin noise (ε 0.01), is lower by more than two
@@ -506,6 +527,13 @@ standard error of the mean over the 4 seeds).
 - **The SGD family** leaves out batch 256 with learning rate 0.02, which is still on its initial plateau (51 %
   training error) after 30 epochs.
 """
+
+def default_protocol(o) -> bool:
+    """True when the runs are the default protocol's, which the fixed notes above are about."""
+    return ((o.data, o.model, o.epochs, o.batch_size, o.steps, o.n_train, o.n_test, o.width, o.depth)
+            == ("teacher", "mlp", 30, 64, None, None, None, None, None)
+            and not (o.train_args or o.sgd_args or o.esgd_args or o.rsgd_args) and o.family == parse_family(DEFAULT_FAMILY))
+
 
 LARGER = [
     ("Fashion-MNIST, LeNet, on a GPU",
@@ -525,7 +553,7 @@ def report(o, argv, runs, infos, run_rows, m: Measured, commands, version, figur
     c2_t, findings2 = claim2(o, runs, m)
     c1_t, findings1 = claim1(o, runs, m)
     failed = [r for r in run_rows if r["status"] != "ok"]
-    y = replicas_of(o.rsgd_args)
+    y = o.replicas
     lines = [
         "# Reproducing the seed's claims with flatcli",
         "",
@@ -572,7 +600,7 @@ def report(o, argv, runs, infos, run_rows, m: Measured, commands, version, figur
         "",
         hyper_table(infos, runs),
         "",
-        *([TEACHER_NOTES] if (o.data, o.model) == ("teacher", "mlp") else []),
+        *([TEACHER_NOTES] if default_protocol(o) else []),
         "## Claim 2: entropic algorithms against SGD",
         "",
         f"Mean ± standard deviation over seeds. δε is the rise of the training error (percentage points) under "
@@ -722,7 +750,7 @@ def scatter(plt, o, runs, m: Measured, path) -> None:
 # ---------------------------------------------------------------- main
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--out", type=Path, default=Path("docs/reproduction"), help="folder for the report, figures and CSVs")
@@ -775,30 +803,46 @@ def parse_args(argv):
     o = p.parse_args(argv)
     if o.reuse and o.work is None:
         p.error("--reuse needs --work (the folder to reuse)")
-    o.seeds, o.family_seeds = parse_list(o.seeds, int), parse_list(o.family_seeds, int)
+    o.seeds, o.family_seeds = checked_list(p, "--seeds", o.seeds, int), checked_list(p, "--family-seeds",
+                                                                                    o.family_seeds, int)
     o.family = parse_family(o.family)
+    if len(set(o.family)) != len(o.family):
+        p.error(f"--family lists a BATCH:LR pair twice: give each once")
     o.train_args, o.sgd_args = shlex.split(o.train_args), shlex.split(o.sgd_args)
     o.esgd_args, o.rsgd_args = shlex.split(o.esgd_args), shlex.split(o.rsgd_args)
+    for flag, args in (("--train-args", o.train_args), ("--sgd-args", o.sgd_args), ("--esgd-args", o.esgd_args),
+                       ("--rsgd-args", o.rsgd_args)):
+        budget = [a.split("=")[0] for a in args if a.split("=")[0] in ("--epochs", "--batch-size", "--seed", "--out")]
+        if budget:
+            p.error(f"{flag} sets {budget[0]}: give --epochs and --batch-size to this script (the seeds with "
+                    "--seeds), so that every run and the compute control share one budget")
+    o.replicas = replicas_of(p, o.rsgd_args)
     o.sigmas_text, o.gammas_text = o.sigmas, o.gammas
-    o.report_sigmas = [s for s in parse_list(o.sigmas) if s > 0]
-    o.report_gammas = sorted(parse_list(o.gammas))
+    o.report_sigmas = [s for s in checked_list(p, "--sigmas", o.sigmas, float) if s > 0]
+    o.report_gammas = sorted(checked_list(p, "--gammas", o.gammas, float))
     if o.sigma_star not in o.report_sigmas or o.gamma_star not in o.report_gammas:
         p.error("--sigma-star must be one of --sigmas (> 0) and --gamma-star one of --gammas")
     cpu = o.device == "cpu"
     o.jobs = o.jobs or (os.cpu_count() or 1 if cpu else 1)
     o.threads = o.threads if o.threads is not None else (1 if cpu else None)
-    # flatcli runs in the work folder: paths the user gave relative to here are passed resolved, shown as given
+    resolve_paths(o)
+    return o
+
+
+def resolve_paths(o) -> None:
+    """flatcli runs in the work folder: the paths the user gave relative to here (--data-dir, a data file,
+    imagefolder:PATH) are passed to it absolute, by flatcli's own rules, and shown in the report as given."""
+    from flatcli.data.core import IMAGEFOLDER_PREFIX, TENSOR_SUFFIXES, absolute
     if o.data_dir is None and o.data != "teacher":
         o.data_dir = "data"  # flatcli's default, which would otherwise point into the work folder
     o.shown_as = {}
     if o.data_dir is not None:
-        o.shown_as[str(Path(o.data_dir).resolve())] = o.data_dir
-        o.data_dir = str(Path(o.data_dir).resolve())
-    if o.data.startswith("imagefolder:") or o.data.endswith((".npz", ".safetensors", ".pt")):
-        prefix = "imagefolder:" if o.data.startswith("imagefolder:") else ""
-        resolved = prefix + str(Path(o.data.removeprefix(prefix)).resolve())
+        o.shown_as[absolute(o.data_dir)] = o.data_dir
+        o.data_dir = absolute(o.data_dir)
+    if o.data.startswith(IMAGEFOLDER_PREFIX) or o.data.lower().endswith(TENSOR_SUFFIXES):
+        prefix = IMAGEFOLDER_PREFIX if o.data.startswith(IMAGEFOLDER_PREFIX) else ""
+        resolved = prefix + absolute(o.data.removeprefix(prefix))
         o.shown_as[resolved], o.data = o.data, resolved
-    return o
 
 
 def diverged(done: subprocess.CompletedProcess) -> bool:
@@ -819,7 +863,9 @@ def train_all(o, runs, flatcli, work: Path) -> dict[str, str]:
 def measure(o, names, flatcli, work: Path, make, kind: str) -> str:
     """One measurement command per job over a contiguous share of the runs; the CSVs merged in run order."""
     parts = chunks(names, o.jobs)
-    paths = [f"{kind}-{i}.csv" for i in range(len(parts))]
+    # each file is named by its command, so --reuse never takes the output of another command
+    paths = [f"{kind}-{hashlib.sha256(shlex.join(make(part, o, '')).encode()).hexdigest()[:12]}.csv"
+             for part in parts]
     flatcli([make(part, o, path) for part, path in zip(parts, paths)],
             done_already=lambda args: o.reuse and (work / args[-1]).exists())
     return merge_csv([(work / path).read_text() for path in paths], names)
@@ -848,6 +894,9 @@ def main(argv=None) -> int:
         run_rows = [run_row(r, infos[r.name], status[r.name]) for r in runs]
         version = ", ".join(sorted({meta["version"] for meta in infos.values() if meta}))  # as the runs recorded it
         names = [r.name for r in runs if status[r.name] == "ok"]
+        if not names:
+            raise SystemExit("error: every training run diverged — lower the learning rates (--sgd-args, "
+                             "--esgd-args, --rsgd-args, --family)")
         energy = phase("local energy", lambda: measure(o, names, flatcli, work, energy_command, "energy"))
         entropy = phase("local entropy", lambda: measure(o, names, flatcli, work, entropy_command, "entropy"))
         m = collect(runs, run_rows, energy, entropy)

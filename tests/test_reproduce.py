@@ -74,6 +74,61 @@ def test_the_compute_control_has_rsgds_steps_and_gradients():
     assert reproduce.train_command(runs[2], o)[-4:] == ["--replicas", "4", "--out", "runs/rsgd-s3"]
 
 
+def synthetic(o, values: dict[str, tuple[float, float, float]]) -> tuple[list, "reproduce.Measured"]:
+    """Runs of the plan with (test error, δε(σ*), s(γ*)) set per algorithm, spread a little over the seeds."""
+    runs = reproduce.plan_runs(o)
+    wiggle = lambda r: 1 + 0.01 * (r.seed - 1.5)  # noqa: E731  (± 1.5 %: the groups stay apart)
+    test = {r.name: values[r.group][0] * wiggle(r) for r in runs}
+    delta = {r.name: {o.sigma_star: values[r.group][1] * wiggle(r)} for r in runs}
+    s = {r.name: {o.gamma_star: values[r.group][2] * wiggle(r)} for r in runs}
+    return runs, reproduce.Measured(test, {r.name: 0.0 for r in runs}, delta, s)
+
+
+SMALL = ["--seeds", "0,1,2,3", "--no-control", "--family", "none", "--sigmas", "0,0.2", "--sigma-star", "0.2",
+         "--gammas", "1", "--gamma-star", "1"]
+
+
+def test_claim2_says_flatter_and_better_in_the_right_direction():
+    o = reproduce.parse_args(SMALL)
+    # eSGD: lower test error, lower δε, s closer to 0 than SGD; rSGD: all three the other way
+    runs, m = synthetic(o, {"sgd": (0.20, 0.05, -0.002), "esgd": (0.15, 0.03, -0.001), "rsgd": (0.25, 0.08, -0.004)})
+    table, findings = reproduce.claim2(o, runs, m)
+    verdicts = [row[-1] for row in table_rows(table, "| comparison |")]
+    assert verdicts == ["generalizes better", "flatter", "flatter", "generalizes worse", "sharper", "sharper"]
+    shown = [row[2] for row in table_rows(table, "| comparison |")]
+    assert shown[:3] == ["-5.00", "-2.00", "+1.000"]  # s shown as s(eSGD) − s(SGD) × 10³: positive = flatter
+    assert findings[0].startswith("eSGD against SGD: test error %: -5.00 ± ")
+
+
+def test_claim1_reads_the_predicted_signs():
+    o = reproduce.parse_args(SMALL)
+    # flatter (lower δε, s nearer 0) goes with lower test error, as the claim says
+    runs, m = synthetic(o, {"sgd": (0.20, 0.05, -0.002), "esgd": (0.15, 0.03, -0.001), "rsgd": (0.25, 0.08, -0.004)})
+    _, results = reproduce.claim1(o, runs, m)
+    assert [(r["verdict"], r["n"]) for r in results] == [("as the claim predicts", 12)] * 6
+    assert [round(r["rho"], 12) for r in results[:3]] == [1.0, -1.0, -1.0]
+    # the same runs with δε reversed: opposite to the claim
+    runs, m = synthetic(o, {"sgd": (0.20, 0.05, -0.002), "esgd": (0.15, 0.08, -0.001), "rsgd": (0.25, 0.03, -0.004)})
+    _, results = reproduce.claim1(o, runs, m)
+    assert results[0]["verdict"] == "opposite to the claim" and results[0]["rho"] < 0
+
+
+def test_paths_given_from_here_reach_flatcli_absolute_and_show_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    o = reproduce.parse_args(["--data", "sets/mine.NPZ", "--data-dir", "store"])
+    assert o.data == str(tmp_path / "sets" / "mine.NPZ") and o.data_dir == str(tmp_path / "store")
+    assert reproduce.shown(reproduce.train_command(reproduce.plan_runs(o)[0], o), o).startswith(
+        "flatcli train --data sets/mine.NPZ --model mlp --device cpu")
+    o = reproduce.parse_args(["--data", "imagefolder:~/pics"])
+    assert o.data == "imagefolder:" + str(Path.home() / "pics") and o.data_dir == str(tmp_path / "data")
+
+
+def test_a_difference_without_spread_is_still_a_difference():
+    assert reproduce.verdict(-0.01, 0.0, "better", "worse") == "better"
+    assert reproduce.verdict(0.0, 0.0, "better", "worse") == "no difference"
+    assert reproduce.verdict(0.5, math.nan, "better", "worse").endswith("(too few runs)")
+
+
 # ---------------------------------------------------------------- a tiny protocol, twice
 
 @pytest.fixture(scope="module")
@@ -148,7 +203,8 @@ def test_the_report_is_the_same_byte_for_byte_and_has_no_paths_or_times(twice):
         if (a / name).exists() or name.endswith(".csv") or name == "README.md":
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
     report = (a / "README.md").read_text()
-    assert str(a) not in report and "/tmp" not in report and "load average" not in report
+    assert str(a) not in report and str(ROOT) not in report and "/tmp" not in report
+    assert "load average" not in report
     assert (a / "timing.md").read_text().startswith("# Timing")
 
 
