@@ -8,6 +8,7 @@ only when the user opts in with ``trust_pickle`` — nothing else is ever unpick
 """
 import json
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from flatcli.errors import FlatcliError
-from flatcli.io import atomic_path
+from flatcli.io import atomic_path, check_regular_file
 
 WEIGHTS, REPLICAS, STATE, METRICS = "model.safetensors", "replicas.safetensors", "state.pt", "metrics.csv"
 META_KEY = "flatcli"
@@ -40,7 +41,63 @@ def save_torch(path, obj) -> None:
 
 
 def load_torch_state(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A training state written by ``save_torch`` (tensors and plain values only: ``weights_only``)."""
+    check_regular_file(path, "training state")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise FlatcliError(f"{str(path)!r} is not a readable training state ({str(e).splitlines()[0][:120]})",
+                           "the file is damaged: start a fresh run") from None
+
+
+CODE_REGISTRIES = ("tv:",)  # model names with a colon that name a registry, not code to import
+
+
+def is_code_model(name: str) -> bool:
+    """Whether a model name is ``module:function``: the user's own code, imported to build the model."""
+    return ":" in name and not name.startswith(CODE_REGISTRIES)
+
+
+def check_model_permission(meta_name: str, user_model: str | None, source) -> None:
+    """A checkpoint's metadata may name built-in and registry models freely; a ``module:function`` model is
+    imported only when the user named that same factory on the command line (or in the call)."""
+    if is_code_model(meta_name) and user_model != meta_name:
+        raise FlatcliError(f"{str(source)!r} was made with the model factory {meta_name!r}, and flatcli imports "
+                           "code only when you name it yourself",
+                           f"pass --model {meta_name} if you trust that code")
+
+
+def model_spec_from_metadata(meta: dict, user_model: str | None, source):
+    """The ModelSpec a run's metadata names, checked against the ``--model`` the user gave (or None)."""
+    from flatcli.models import ModelSpec
+    spec = ModelSpec.from_dict(meta["model"])
+    if user_model is not None and user_model != spec.name:
+        raise FlatcliError(f"{str(source)!r} describes its own model ({spec.name}), but model={user_model!r} was "
+                           "given", f"drop --model (or pass --model {spec.name})")
+    check_model_permission(spec.name, user_model, source)
+    return spec
+
+
+_META_FIELDS = {"model": dict, "data": dict, "loss": str, "algo": str, "hyper": dict, "replicas": int,
+                "metrics": dict, "step": int, "epoch": int, "complete": bool}
+
+
+def check_run_metadata(meta, source) -> dict:
+    """The metadata of a flatcli run, checked once: every field present with its type, or one line naming it."""
+    fix = "the run's metadata is damaged: retrain, or pass the weights with --model and --data"
+    if not isinstance(meta, dict):
+        raise FlatcliError(f"{str(source)!r} has flatcli metadata that is a {type(meta).__name__}, not a mapping", fix)
+    for key, kind in _META_FIELDS.items():
+        if key not in meta:
+            raise FlatcliError(f"{str(source)!r}: the metadata has no {key!r} field", fix)
+        value = meta[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise FlatcliError(f"{str(source)!r}: metadata field {key!r} is {value!r}, not a {kind.__name__}", fix)
+    if meta["replicas"] < 0:
+        raise FlatcliError(f"{str(source)!r}: metadata field 'replicas' is {meta['replicas']}, below 0", fix)
+    return meta
 
 
 @dataclass
@@ -58,6 +115,7 @@ class RawCheckpoint:
 
 
 def read_safetensors(path: Path) -> tuple[dict, dict | None]:
+    check_regular_file(path, "checkpoint")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -99,33 +157,75 @@ def is_torchscript(path: Path) -> bool:
 def read_torch_file(path: Path, trust_pickle: bool) -> RawCheckpoint:
     if is_torchscript(path):
         try:
-            return RawCheckpoint(path, "torchscript", module=torch.jit.load(str(path), map_location="cpu"))
+            with warnings.catch_warnings():  # torch.jit.load's deprecation warning, on every call
+                warnings.simplefilter("ignore")
+                return RawCheckpoint(path, "torchscript", module=torch.jit.load(str(path), map_location="cpu"))
         except Exception as e:  # torch raises several unrelated types for a bad archive
-            raise FlatcliError(f"{str(path)!r} is not a loadable TorchScript archive ({e})", "re-export it") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise FlatcliError(f"{str(path)!r} is not a checkpoint (not a torch file)",
-                               "pass a run folder, .safetensors, .pt or .pth file") from None
-        if not trust_pickle:
-            raise FlatcliError(
-                f"{str(path)!r} holds pickled Python objects (a whole model?), and unpickling runs arbitrary code",
-                "save its state_dict instead, or pass --trust-pickle if you trust the file's author") from None
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise FlatcliError(f"{str(path)!r} is not a readable checkpoint ({str(e).splitlines()[0][:120]})",
-                           "the file may be truncated or corrupt: re-save it") from None
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise FlatcliError(f"{str(path)!r} is not a loadable TorchScript archive ({reason})",
+                               "re-export it with torch.jit.script(model).save(PATH)") from None
+    obj = _torch_load(path, trust_pickle)
     if isinstance(obj, torch.nn.Module):
         return RawCheckpoint(path, "pickle", module=obj)
     return RawCheckpoint(path, "state-dict", state_dict=unwrap_state_dict(obj, path))
 
 
+def what_file(path: Path) -> str | None:
+    """What a file that is not a torch checkpoint seems to be, from its first bytes (for the error message)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04") and path.suffix.lower() == ".npz" or head.startswith(b"\x93NUMPY"):
+        return "a numpy file (.npy/.npz): data, not weights"
+    if head.startswith(b"\x89PNG") or head.startswith(b"\xff\xd8\xff"):
+        return "an image"
+    if path.suffix == ".py" or head.lstrip().startswith((b"import ", b"from ", b"def ", b"#!", b'"""')):
+        return "Python source code"
+    if head.lstrip().startswith((b"{", b"[")):
+        return "a JSON/text file"
+    if head and all(32 <= c < 127 or c in (9, 10, 13) for c in head):
+        return "a text file"
+    return None
+
+
+def _torch_load(path: Path, trust_pickle: bool):
+    """torch.load with weights_only (tensors and plain containers); a whole pickled object only with trust,
+    its classes imported from the current directory as ``--model module:function`` factories are. Torch's
+    own warnings are silenced: flatcli says what went wrong in one line."""
+    from flatcli.models.external import cwd_on_path
+    expected = "pass a run folder, a .safetensors/.pt/.pth state dict or a TorchScript archive"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            kind = what_file(path)
+            raise FlatcliError(f"{str(path)!r} is not a torch checkpoint" + (f" (it is {kind})" if kind else ""),
+                               expected) from None
+        if not trust_pickle:
+            raise FlatcliError(
+                f"{str(path)!r} holds pickled Python objects (a whole model?), and unpickling runs arbitrary code",
+                "save its state_dict instead, or pass --trust-pickle if you trust the file's author") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        kind = what_file(path)
+        if kind:
+            raise FlatcliError(f"{str(path)!r} is not a torch checkpoint (it is {kind})", expected) from None
+        raise FlatcliError(f"{str(path)!r} is not a readable checkpoint ({str(e).splitlines()[0][:120]})",
+                           "the file may be truncated or corrupt: re-save it") from None
+    try:
+        with warnings.catch_warnings(), cwd_on_path():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # anything the unpickled code raises
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise FlatcliError(f"unpickling {str(path)!r} failed: {type(e).__name__}: {reason}",
+                           "run flatcli from the folder that holds the model's code (or put it on PYTHONPATH), "
+                           "or save a state_dict instead") from None
+
+
 def read_checkpoint(path, trust_pickle: bool = False) -> RawCheckpoint:
     """Read any supported checkpoint without building a model. Never unpickles unless ``trust_pickle``."""
-    path = Path(path)
-    if not path.exists():
-        raise FlatcliError(f"checkpoint {str(path)!r} does not exist", "check the path")
+    path = check_regular_file(path, "checkpoint")
     if path.is_dir():
         if not (path / WEIGHTS).is_file():
             raise FlatcliError(f"{str(path)!r} is not a flatcli run folder (no {WEIGHTS})",

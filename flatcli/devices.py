@@ -39,3 +39,12 @@ def autocast(device: torch.device, enabled: bool):
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's CPU threads (intra-op) to ``threads``; None keeps torch's default. Returns the count in use."""
+    if threads is not None:
+        if threads < 1:
+            raise FlatcliError(f"threads={threads} is below 1", "give threads=1 or more")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()

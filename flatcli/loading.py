@@ -3,7 +3,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flatcli.checkpoint import RawCheckpoint, load_into, read_checkpoint, replica_state
+from flatcli.checkpoint import (RawCheckpoint, check_run_metadata, load_into,
+                                model_spec_from_metadata, read_checkpoint, replica_state)
 from flatcli.data import Data, DataSpec, load_data
 from flatcli.errors import FlatcliError
 from flatcli.models import ModelSpec, build_model, check_fits
@@ -24,10 +25,10 @@ class DataCache:
     """Loads each data spec once when several checkpoints share it."""
     loaded: dict = field(default_factory=dict)
 
-    def get(self, spec: DataSpec) -> Data:
+    def get(self, spec: DataSpec, download: bool = True) -> Data:
         key = repr(sorted(spec.to_dict().items()))
         if key not in self.loaded:
-            self.loaded[key] = load_data(spec)
+            self.loaded[key] = load_data(spec, download=download)
         return self.loaded[key]
 
 
@@ -40,19 +41,25 @@ def load_checkpoint(path, *, model_spec: ModelSpec | None = None, data_spec: Dat
                     cache: DataCache | None = None) -> Loaded:
     """Any supported checkpoint → a model with its weights and the data to measure it on.
 
-    A flatcli run describes itself (its model and data; ``data_spec`` may still override the data). A foreign
-    state dict needs ``model_spec`` and ``data_spec``; a TorchScript or (trusted) pickled module needs ``data_spec``.
+    A flatcli run describes itself (its model and data; ``data_spec`` may still override the data, and a
+    ``model_spec`` must name the run's own model). A foreign state dict needs ``model_spec`` and ``data_spec``;
+    a TorchScript or (trusted) pickled module needs ``data_spec``. Metadata is data: it selects built-in
+    models and data sets, but never imports code (a ``module:function`` model only when ``model_spec`` names
+    it), downloads or creates anything.
     """
     raw = read_checkpoint(path, trust_pickle=trust_pickle)
-    meta = raw.meta
+    meta, download = raw.meta, True
     if meta is not None:
-        model_spec = ModelSpec.from_dict(meta["model"])
+        check_run_metadata(meta, path)
+        model_spec = model_spec_from_metadata(meta, model_spec.name if model_spec else None, path)
+        download = data_spec is not None  # the user named the data: a missing torchvision set may be fetched
         data_spec = data_spec or DataSpec.from_dict(meta["data"])
         loss = loss or meta.get("loss")
     elif data_spec is None or (raw.module is None and model_spec is None):
-        need = "--data" if raw.module is not None else "--model and --data"
-        raise FlatcliError(f"{str(path)!r} does not describe its model and data", f"pass {need}")
-    data = (cache or DataCache()).get(data_spec)
+        missing = [f"--{k}" for k, v in (("model", model_spec), ("data", data_spec)) if v is None
+                   and not (k == "model" and raw.module is not None)]
+        raise FlatcliError(f"{str(path)!r} does not describe its model and data", f"pass {' and '.join(missing)}")
+    data = (cache or DataCache()).get(data_spec, download=download)
     if raw.module is not None:
         if replica not in (None, "center"):
             raise FlatcliError(f"--replica {replica} asked for, but {str(path)!r} is a single model", "drop --replica")

@@ -9,15 +9,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from flatcli.choices import LOSS_NAMES, check_loss  # noqa: F401 (re-exported)
 from flatcli.errors import FlatcliError
-
-LOSS_NAMES = ("cross-entropy", "mse")
-
-
-def check_loss(name: str) -> str:
-    if name not in LOSS_NAMES:
-        raise FlatcliError(f"unknown loss {name!r}", f"use one of: {', '.join(LOSS_NAMES)}")
-    return name
 
 
 def per_example_loss(outputs: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
@@ -34,10 +27,13 @@ def per_example_loss(outputs: torch.Tensor, targets: torch.Tensor, loss: str) ->
 
 
 def per_example_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """0-1 error of each example, shape (B,); NaN for float regression targets."""
+    """0-1 error of each example, shape (B,); NaN for float regression targets.
+
+    An example whose outputs are not all finite counts as a mistake (argmax would pick a NaN's index).
+    """
     if targets.is_floating_point():
         return torch.full((len(outputs),), float("nan"), device=outputs.device)
-    return (outputs.argmax(-1) != targets).float()
+    return ((outputs.argmax(-1) != targets) | ~torch.isfinite(outputs).all(-1)).float()
 
 
 def loss_sum(outputs: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:

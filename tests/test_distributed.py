@@ -119,4 +119,4 @@ def test_local_entropy_matches_one_process_exactly(tmp_path):
     assert two.stdout == one.stdout  # chain c is the same chain, computed the same way, on any rank
     rows = list(csv.DictReader(io.StringIO(two.stdout)))
     assert len(rows) == 2 and {r["chains"] for r in rows} == {"5"}
-    assert two.stderr.count("local-entropy on 1 checkpoint(s)") == 1  # rank 0 alone speaks
+    assert two.stderr.count("on 1 checkpoint(s)") == 1  # rank 0 alone speaks

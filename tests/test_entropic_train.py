@@ -97,8 +97,8 @@ def test_rsgd_batched_replicas_match_the_loop():
     for batched in (False, True):
         t = Trainer(TrainConfig(algo="rsgd", replicas=3, steps=6, batch_size=16, momentum=0.9), data,
                     ModelSpec(width=16), torch.device("cpu"))
-        t.stepper.batched = batched
+        t.algorithm.batched = batched
         t.run()
-        runs.append([p.detach().clone() for m in t.models for p in m.parameters()])
+        runs.append([p.detach().clone() for m in t.algorithm.models for p in m.parameters()])
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

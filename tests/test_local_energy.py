@@ -1,12 +1,14 @@
 """Local energy (MATH.md §1) against its closed form for a linear classifier and hand-written references."""
 import copy
 import math
+import threading
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from flatcli import parallel
 from flatcli.errors import FlatcliError
 from flatcli.losses import evaluate, tensor_batches
 from flatcli.measure import local_energy, parse_sigmas
@@ -170,7 +172,7 @@ def test_sigma_zero_is_the_unperturbed_value_and_costs_no_draws():
     p0 = result.points[0]
     assert (p0.samples, p0.delta_error, p0.delta_loss, p0.error_sem, p0.loss_sem) == (0, 0.0, 0.0, 0.0, 0.0)
     assert p0.error_mean == pytest.approx(err, abs=1e-12) and p0.loss_mean == pytest.approx(loss, rel=1e-6)
-    assert calls == [(i, 8) for i in range(1, 9)]  # σ > 0 only: 4 draws × 2 σ
+    assert calls == [(1, 8)] * 8  # increments, σ > 0 only: 4 draws × 2 σ
     only_zero = local_energy(net, (x, y), [0.0], samples=4, callback=lambda d, t: calls.append("no"))
     assert calls[-1] != "no" and only_zero.points[0].delta_error == 0.0
 
@@ -240,7 +242,7 @@ def test_vectorized_equals_loop(make):
     vec = local_energy(net, (x, y), [0.0, 0.1, 0.5], samples=5, vectorize=True, draws_per_forward=2,
                        callback=lambda d, t: calls.append((d, t)))
     assert not loop.vectorized and vec.vectorized == (make is _bn_net)
-    assert calls[-1] == (10, 10)
+    assert sum(c[0] for c in calls) == 10 and {c[1] for c in calls} == {10}  # increments of 2 draws
     torch.testing.assert_close(vec.draw_losses, loop.draw_losses, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(vec.draw_errors, loop.draw_errors, rtol=0, atol=1e-9)
 
@@ -270,30 +272,47 @@ def test_parse_sigmas():
 
 
 def test_draws_shared_among_processes_give_the_one_process_result_exactly():
-    """shard=(rank, world) + gather: each process computes its draws; the assembled result is bit-identical."""
+    """Under a team each process computes its draws k ≡ rank (mod world); the gathered result is bit-identical."""
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
     sigmas = [0.0, 0.1, 0.3]
     whole = local_energy(model, (x, y), sigmas, samples=5, seed=9, batch_size=16)
     for world in (2, 3, 7):  # 7 > samples: some processes hold no draw at all
-        local = [_local_sums(model, x, y, sigmas, r, world) for r in range(world)]
-        sharded = local_energy(model, (x, y), sigmas, samples=5, seed=9, batch_size=16, shard=(0, world),
-                               gather=lambda t, local=local: local)
-        assert torch.equal(sharded.draw_errors, whole.draw_errors)
-        assert torch.equal(sharded.draw_losses, whole.draw_losses)
-        assert sharded.points == whole.points
+        results, calls = run_team(world, lambda: local_energy(copy.deepcopy(model), (x, y), sigmas, samples=5,
+                                                              seed=9, batch_size=16))
+        assert calls == [1] * world  # one gather of the draws
+        for r in results:
+            assert torch.equal(r.draw_errors, whole.draw_errors) and torch.equal(r.draw_losses, whole.draw_losses)
+            assert r.points == whole.points
 
 
-def _local_sums(model, x, y, sigmas, rank, world):
-    """What process ``rank`` hands to the gather: its draws' raw sums, captured through a gather hook."""
-    box = {}
+def run_team(world, measure):
+    """``measure()`` in ``world`` threads, each a member of a team whose all-gather is a real meeting (a
+    barrier), as torchrun processes would be. Returns each member's result (or exception) and gather counts."""
+    box, out, calls = [None] * world, [None] * world, [0] * world
+    barrier = threading.Barrier(world, timeout=120)
 
-    def capture(t):
-        box["t"] = t
-        return [t] * world  # shape-compatible stand-in; only the capture matters
-    try:
-        local_energy(model, (x, y), sigmas, samples=5, seed=9, batch_size=16, shard=(rank, world), gather=capture)
-    except (IndexError, RuntimeError):
-        pass
-    return box["t"]
+    def all_gather(rank):
+        def gather(obj):
+            calls[rank] += 1
+            box[rank] = obj
+            barrier.wait()
+            everyone = list(box)
+            barrier.wait()
+            return everyone
+        return gather
+
+    def member(rank):
+        try:
+            with parallel.sharing(parallel.Team(rank, world, all_gather(rank))):
+                out[rank] = measure()
+        except Exception as e:  # reported to the test
+            out[rank] = e
+
+    threads = [threading.Thread(target=member, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out, calls

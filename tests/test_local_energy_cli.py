@@ -177,7 +177,7 @@ def test_csv_to_stdout_is_pure_csv_and_the_human_view_goes_to_stderr(runs):
     assert result.stdout.splitlines()[0].startswith(HEADER + ",")
     table = list(csv.reader(io.StringIO(result.stdout)))
     assert len(table) == 1 + 2 * 2 and all(len(line) == len(table[0]) for line in table)
-    assert "local-energy on 2 checkpoint(s)" in result.stderr and "seed 0" in result.stderr  # the settings line
+    assert "on 2 checkpoint(s)" in result.stderr and "seed 0" in result.stderr  # the settings line
     assert "6/6" in result.stderr  # one progress bar: 2 checkpoints × 1 σ > 0 × 3 draws
     assert "δε ± sem" in result.stderr  # the table
 
@@ -339,7 +339,7 @@ def test_an_error_during_the_work_leaves_no_output_file(linear_problem, tmp_path
     (["RUN", "--csv", "-", "--json", "-"], ["stdout"]),
     (["RUN", "--csv", "same.txt", "--json", "same.txt"], ["both name", "different paths"]),
     (["W.pt"], ["does not describe its model and data", "--model and --data"]),
-    (["W.pt", "--data", "linear.npz"], ["--model and --data"]),
+    (["W.pt", "--data", "linear.npz"], ["pass --model"]),  # only what is missing
     (["RUN", "--replica", "0"], ["not an rSGD run"]),
     (["RSGD", "--replica", "2"], ["out of range", "0..1"]),
     (["RSGD", "--replica", "x"], ["not 'center' or a number"]),

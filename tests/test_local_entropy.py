@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from flatcli import parallel
 from flatcli.errors import FlatcliError
 from flatcli.measure.local_entropy import gamma_ladder, integration_matrix, local_entropy, parse_gammas
 
@@ -138,8 +139,7 @@ def test_weights_unchanged_reproducible_and_progress_reported():
     assert model.training and all(m.training for m in model.modules())
     assert run(0).rows == a.rows
     assert run(1).rows != a.rows
-    assert calls[-1][0] == calls[-1][1] == len(a.ladder) * 6
-    assert [c[0] for c in calls] == list(range(1, len(calls) + 1))
+    assert calls == [(1, len(a.ladder) * 6)] * (len(a.ladder) * 6)  # one increment per Langevin step
     for row in a.rows:
         assert 0 <= row.error_mean <= 1 and row.loss_mean > 0 and row.local_entropy_sem > 0
 
@@ -173,7 +173,7 @@ def test_sgld_on_minibatches_is_close_to_closed_form():
     dict(gammas=[0.0]), dict(gammas=[-1.0]), dict(gammas=[float("nan")]), dict(gammas=[float("inf")]),
     dict(gammas=[]), dict(steps=0), dict(steps=10, burn_in=10), dict(burn_in=-1), dict(chains=0),
     dict(beta=0.0), dict(beta=-2.0), dict(langevin_lr=0.0), dict(batch_size=0), dict(loss="hinge"),
-    dict(chains_per_pass=0), dict(shard=(2, 2)),
+    dict(chains_per_pass=0),
     dict(data=None), dict(data=None, loss=lambda params: params["0.weight"].sum()),  # an energy needs beta
 ])
 def test_bad_arguments_raise_flatcli_error(kwargs):
@@ -195,15 +195,16 @@ def test_parse_gammas():
 
 
 def run_sharded(world, measure):
-    """``measure(model_copy, shard=(r, world), gather=...)`` in ``world`` threads that meet in a real all-gather
-    (a barrier), as torchrun processes would. Returns each rank's result or exception, and the gather calls."""
+    """``measure(model_copy)`` in ``world`` threads, each a member of a ``flatcli.parallel.Team`` whose
+    all-gather is a real meeting (a barrier), as torchrun processes would be. Returns each member's result
+    or exception, and the gather calls."""
     box, out, calls = [None] * world, [None] * world, [0] * world
     barrier = threading.Barrier(world, timeout=120)
 
     def gather(rank):
-        def all_gather(tensor):
+        def all_gather(obj):
             calls[rank] += 1
-            box[rank] = tensor
+            box[rank] = obj
             barrier.wait()
             everyone = list(box)
             barrier.wait()
@@ -212,7 +213,8 @@ def run_sharded(world, measure):
 
     def rank_main(rank):
         try:
-            out[rank] = measure(shard=(rank, world), gather=gather(rank))
+            with parallel.sharing(parallel.Team(rank, world, gather(rank))):
+                out[rank] = measure()
         except Exception as e:  # reported to the test
             out[rank] = e
 

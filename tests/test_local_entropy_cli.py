@@ -20,7 +20,7 @@ from clitools import assert_user_error, invoke, same_tensors, weights
 from flatcli.loading import load_checkpoint
 from flatcli.measure import local_entropy
 
-cli_module = importlib.import_module("flatcli.cli.local_entropy")  # (flatcli.cli.local_entropy is the command)
+estimator = importlib.import_module("flatcli.measure.local_entropy")  # (flatcli.measure.local_entropy is a function)
 HEADER = "checkpoint,gamma,local_entropy,local_entropy_sem,distance,loss_mean,error_mean"
 NUMBERS = ["gamma", "local_entropy", "local_entropy_sem", "distance", "loss_mean", "error_mean", "beta",
            "acceptance", "langevin_lr", "curvature", "checkpoint_loss", "checkpoint_error"]
@@ -160,7 +160,7 @@ def test_csv_to_stdout_is_pure_csv_and_the_human_view_goes_to_stderr(runs):
     assert result.stdout.splitlines()[0].startswith(HEADER + ",beta,chains,steps,burn_in,sampler,acceptance")
     table = list(csv.reader(io.StringIO(result.stdout)))
     assert len(table) == 1 + 2 * 2 and all(len(line) == len(table[0]) for line in table)
-    assert "local-entropy on 2 checkpoint(s)" in result.stderr and "beta 64" in result.stderr  # settings line
+    assert "on 2 checkpoint(s)" in result.stderr and "beta 64" in result.stderr  # settings line
     assert "the number of examples" in result.stderr
     ladders = [json.loads(invoke("local-entropy", p, "--gammas", "1,10", *FAST, "--device", "cpu", "--json", "-")
                           .stdout)["settings"]["per_checkpoint"][0]["ladder"] for p in (runs / "sgd", runs / "rsgd")]
@@ -218,12 +218,14 @@ def test_weights_are_never_changed(runs, monkeypatch):
     digest, before = hashlib.sha256(path.read_bytes()).hexdigest(), weights(path)
     seen = []
 
+    measure = estimator.measure
+
     def checked(model, *args, **kwargs):
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        result = local_entropy(model, *args, **kwargs)
+        result = measure(model, *args, **kwargs)
         seen.append(same_tensors(state, model.state_dict()))
         return result
-    monkeypatch.setattr(cli_module, "measure_local_entropy", checked)
+    monkeypatch.setattr(estimator, "measure", checked)
     entropy(runs / "sgd", runs / "rsgd", "--gammas", "1,10", *FAST)
     assert seen == [True, True]
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest and same_tensors(weights(path), before)
@@ -286,7 +288,7 @@ def test_an_error_during_the_work_leaves_no_output_file(regression, tmp_path, us
     (["RUN", "--loss", "hinge"], ["--loss hinge"]),
     (["missing.pt"], ["does not exist"]),
     (["W.pt"], ["does not describe its model and data", "--model and --data"]),
-    (["W.pt", "--data", "reg.npz"], ["--model and --data"]),
+    (["W.pt", "--data", "reg.npz"], ["pass --model"]),  # only what is missing
     (["RSGD", "--replica", "2"], ["out of range", "0..1"]),
     (["RSGD", "--replica", "x"], ["not 'center' or a number"]),
     (["RUN", "--replica", "0"], ["not an rSGD run"]),
@@ -309,4 +311,4 @@ def test_help_documents_the_defaults_and_shows_an_example():
     result = invoke("local-entropy", "--help")
     text = " ".join(result.stdout.replace("│", " ").split())  # the option help is drawn in a box
     assert result.exit_code == 0 and "Example: flatcli local-entropy runs/sgd runs/esgd runs/rsgd" in text
-    assert "default: the number of examples in use" in text and cli_module.DEFAULT_GAMMAS in text
+    assert "default: the number of examples in use" in text and importlib.import_module("flatcli.cli.local_entropy").DEFAULT_GAMMAS in text

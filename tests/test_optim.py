@@ -136,7 +136,7 @@ def rsgd_reference(replicas, batches, steps, *, lr, coupling, K, gamma_growth):
     ws = [[w.clone() for w in r] for r in replicas]
     y = len(ws)
     for t in range(1, steps + 1):
-        gamma_t = coupling * (1 + gamma_growth) ** t
+        gamma_t = coupling * (1 + gamma_growth) ** (t - 1)  # exponent: steps already completed (MATH.md §4)
         center = [sum(ws[a][i] for a in range(y)) / y for i in range(len(ws[0]))]
         for a in range(y):
             grads, _ = reference_grad(ws[a], *batches[t - 1][a])
@@ -198,7 +198,7 @@ def test_rsgd_without_coupling_is_independent_sgd(momentum, nesterov, weight_dec
 # ---------------------------------------------------------------- γ scoping and resume
 
 def test_gamma_scoping_over_steps():
-    """eSGD: γ_t = γ_0 (1 + γ_1)^t with t = outer steps taken; rSGD: the same with t = the step being taken."""
+    """One formula for both: γ_t = γ_0 (1 + γ_1)^t with t = the steps already completed (γ_0 at the first step)."""
     p = nn.Parameter(torch.ones(3))
     esgd = EntropySGD([p], langevin_steps=2, gamma=0.03, gamma_growth=0.1, noise=0.0)
     replicas = [[nn.Parameter(torch.full((3,), float(a)))] for a in range(2)]
@@ -211,7 +211,7 @@ def test_gamma_scoping_over_steps():
         return loss
     for t in range(5):
         assert esgd.current_gamma == pytest.approx(0.03 * 1.1**t, rel=1e-12)
-        assert rsgd.current_gamma == pytest.approx(0.2 * 1.5 ** (t + 1), rel=1e-12)
+        assert rsgd.current_gamma == pytest.approx(0.2 * 1.5 ** t, rel=1e-12)
         esgd.step(closure)
         for (q,) in replicas:
             q.grad = torch.zeros_like(q)
@@ -271,7 +271,7 @@ def test_rsgd_state_dict_resume_continues_identically():
     for m, s in zip(models2, saved["models"]):
         m.load_state_dict(s)
     opt2.load_state_dict(saved["opt"])
-    assert opt2.will_couple() and opt2.current_gamma == pytest.approx(0.4 * 1.3**4)
+    assert opt2.will_couple() and opt2.current_gamma == pytest.approx(0.4 * 1.3**3)
     run(models2, opt2, batches[3:])
     for m, m2 in zip(models, models2):
         for p, q in zip(m.parameters(), m2.parameters()):

@@ -180,7 +180,10 @@ def test_module_function_factory_trains_and_measures(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = invoke("train", "--model", "mynets:small", "--steps", "3", "--out", "run", *TINY)
     assert result.exit_code == 0, result.stderr
-    assert json.loads(invoke("info", "run", "--json").stdout)["metadata"]["model"]["name"] == "mynets:small"
+    # the run's own factory is imported again only when the user names it (metadata never imports code)
+    assert_user_error(invoke("info", "run", "--json"), "mynets:small", "pass --model mynets:small")
+    assert json.loads(invoke("info", "run", "--json", "--model", "mynets:small").stdout)["metadata"]["model"][
+        "name"] == "mynets:small"
     # labels 0..9 of the teacher data do not fit a model with two outputs
     assert_user_error(invoke("train", "--model", "mynets:two_outputs", "--steps", "1", "--out", "r2", *TINY),
                       "out of range", "10 outputs")

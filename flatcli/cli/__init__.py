@@ -1,37 +1,23 @@
-"""The command line: parse, call the library, render. ``flatcli --help`` lists the commands."""
-from typing import Annotated
+"""The command line: parse, call the library, render. ``flatcli --help`` lists the commands.
 
-import typer
-
-import flatcli
-from flatcli.cli.common import FlatcliGroup
-from flatcli.cli.info import info
-from flatcli.cli.local_energy import local_energy
-from flatcli.cli.local_entropy import local_entropy
-from flatcli.cli.train import train
-
-app = typer.Typer(cls=FlatcliGroup, no_args_is_help=True, pretty_exceptions_enable=False,
-                  context_settings={"help_option_names": ["-h", "--help"]},
-                  help="Train networks with SGD, Entropy-SGD and replicated SGD, and measure how flat their minima are.")
-
-
-def version_callback(value: bool):
-    if value:
-        typer.echo(f"flatcli {flatcli.__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def root(version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
-                                               help="Print the version and exit.")] = False):
-    """flatcli: flatness of neural-network minima (local energy, local entropy) and entropic training."""
-
-
-app.command()(train)
-app.command()(info)
-app.command("local-energy")(local_energy)
-app.command("local-entropy")(local_entropy)
+``main`` is the console script. Everything it imports before a command runs is light (no torch, torchvision
+or numpy), so ``--help`` and ``--version`` are instant; a command imports its heavy modules when it runs.
+Ctrl-C at any moment, start-up included, prints one line and exits 130.
+"""
+import sys
 
 
 def main() -> None:
-    app()
+    try:
+        from flatcli.cli.commands import app
+        app()
+    except KeyboardInterrupt:  # before the command's own boundary (FlatcliGroup) was reached
+        from flatcli.cli.common import interrupted
+        interrupted()
+
+
+def __getattr__(name: str):
+    if name == "app":
+        from flatcli.cli.commands import app
+        return app
+    raise AttributeError(f"module 'flatcli.cli' has no attribute {name!r}")

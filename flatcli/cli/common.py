@@ -1,13 +1,15 @@
 """What every command shares: the consoles, the one-line error boundary, option types and output writers."""
 import enum
 import json
+import math
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from flatcli.errors import FlatcliError
 from flatcli.io import atomic_path, check_writable_dir
@@ -21,11 +23,13 @@ def stderr_console(quiet: bool = False) -> Console:
     return Console(stderr=True, quiet=quiet)
 
 
-def start(device_name: str):
-    """Resolve the device and join a torchrun job if launched by one: (dist or None, device, stderr console)."""
+def start(device_name: str, threads: int | None = None):
+    """Resolve the device, set the CPU threads and join a torchrun job if launched by one:
+    (dist or None, device, stderr console)."""
     from flatcli import distributed
-    from flatcli.devices import resolve_device
+    from flatcli.devices import resolve_device, set_threads
 
+    set_threads(threads)
     dist, device = distributed.setup(resolve_device(device_name))
     return dist, device, stderr_console(quiet=dist is not None and not dist.is_main)
 
@@ -63,8 +67,38 @@ def describe_usage_error(error, args) -> str:
     return error.format_message()
 
 
+def flag_names(command) -> dict[str, str]:
+    """{parameter name: its long flag} for a click command (``max_examples`` → ``--max-examples``)."""
+    names = {}
+    for p in getattr(command, "params", []):
+        opts = [o for o in getattr(p, "opts", []) if o.startswith("--")]
+        if opts and p.name:
+            names[p.name] = opts[0]
+    return names
+
+
+def in_flag_terms(message: str, flags: dict[str, str]) -> str:
+    """The library names keyword arguments as ``name=value``; on the command line they are ``--flag value``."""
+    if not flags:
+        return message
+    pattern = re.compile(r"(?<![\w\-.])(" + "|".join(map(re.escape, sorted(flags, key=len, reverse=True))) + r")=")
+    return pattern.sub(lambda m: flags[m.group(1)] + " ", message)
+
+
+class FlatcliCommand(TyperCommand):
+    """Reports the library's errors in the words of this command's flags."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FlatcliError as e:
+            raise FlatcliError(in_flag_terms(e.what, flag_names(self)),
+                               in_flag_terms(e.fix, flag_names(self)) if e.fix else None) from None
+
+
 class FlatcliGroup(TyperGroup):
-    """Catches user mistakes once, at the boundary: one line on stderr, exit 2, no traceback."""
+    """Catches user mistakes once, at the boundary: one line on stderr, exit 2, no traceback; Ctrl-C: one
+    line, exit 130."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
@@ -73,6 +107,8 @@ class FlatcliGroup(TyperGroup):
         except FlatcliError as e:
             print_error(str(e))
             sys.exit(2)
+        except KeyboardInterrupt:
+            interrupted()
         except USAGE_ERRORS as e:
             if not e.format_message().strip():  # no arguments at all: the help already said everything
                 sys.exit(e.exit_code)
@@ -83,11 +119,20 @@ class FlatcliGroup(TyperGroup):
             print_error(e.format_message())
             sys.exit(e.exit_code)
         except ABORTS:
-            sys.exit(130)
+            interrupted()
         finally:
-            from flatcli import distributed
-            distributed.shutdown()
+            if "flatcli.distributed" in sys.modules:  # imported by a command that joined a torchrun job
+                sys.modules["flatcli.distributed"].shutdown()
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def interrupted() -> None:
+    """Ctrl-C: one line, exit 130 (no traceback, and no output file: outputs are written atomically, last)."""
+    try:
+        sys.stderr.write("interrupted — nothing was written; run the command again\n")
+        sys.stderr.flush()
+    finally:
+        sys.exit(130)
 
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
@@ -103,6 +148,9 @@ DataOpt = Annotated[Optional[str], typer.Option(
 DataDirOpt = Annotated[Path, typer.Option("--data-dir", help="Where torchvision data sets are stored or downloaded.")]
 TrustPickleOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow loading a whole pickled model. Unpickling runs code from the file: only for files you trust.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(
+    "--threads", min=1, show_default="auto",
+    help="CPU threads for torch (default: chosen per device and workload; the settings line says how many).")]
 ReplicaOpt = Annotated[str, typer.Option(
     "--replica", help="For rSGD runs: measure the center (default) or replica N.")]
 
@@ -118,9 +166,9 @@ def parse_replica(value: str):
     try:
         index = int(value)
     except ValueError:
-        raise FlatcliError(f"--replica {value!r} is not 'center' or a number", "use center or a replica index") from None
+        raise FlatcliError(f"replica={value!r} is not 'center' or a number", "use center or a replica index") from None
     if index < 0:
-        raise FlatcliError(f"--replica {value!r} is negative", "use center or a replica index from 0")
+        raise FlatcliError(f"replica={value!r} is negative", "use center or a replica index from 0")
     return index
 
 
@@ -145,11 +193,25 @@ def write_output(path: Optional[str], text: str) -> None:
         Path(tmp).write_text(text)
 
 
+def json_safe(value):
+    """NaN/inf → null (strict JSON, which every reader accepts), paths and enums → strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # a numpy or torch scalar
+        return json_safe(value.item())
+    return repr(value)
+
+
 def to_json(obj) -> str:
-    def default(o):
-        if isinstance(o, Path):
-            return str(o)
-        if isinstance(o, enum.Enum):
-            return o.value
-        return repr(o)
-    return json.dumps(obj, indent=2, default=default, allow_nan=True) + "\n"
+    """Strict JSON (no NaN or Infinity tokens), indented."""
+    return json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n"

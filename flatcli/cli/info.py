@@ -6,10 +6,6 @@ import typer
 
 from flatcli.cli.common import (DataDirOpt, DataOpt, DepthOpt, ModelOpt, ReplicaOpt, TrustPickleOpt, WidthOpt,
                                 parse_replica, stderr_console, to_json, write_output)
-from flatcli.cli.options import data_spec_of, model_spec_of
-from flatcli.cli.render import table
-from flatcli.loading import load_checkpoint
-from flatcli.training import evaluate_model
 
 
 def info(
@@ -28,6 +24,11 @@ def info(
 
     Example: flatcli info runs/teacher-mlp-sgd --evaluate
     """
+    from flatcli.cli.options import data_spec_of, model_spec_of
+    from flatcli.cli.render import table
+    from flatcli.loading import load_checkpoint
+    from flatcli.training import evaluate_model
+
     loaded = load_checkpoint(checkpoint, model_spec=model_spec_of(model, width, depth),
                              data_spec=data_spec_of(data, data_dir), trust_pickle=trust_pickle,
                              replica=parse_replica(replica))

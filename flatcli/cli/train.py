@@ -1,22 +1,21 @@
-"""``flatcli train``: parse, train, render. The loop itself lives in flatcli.training."""
+"""``flatcli train``: parse, train, render. The loop itself lives in flatcli.training (imported when it runs)."""
 import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from flatcli.checkpoint import read_checkpoint
-from flatcli import distributed
-from flatcli.cli.common import DataDirOpt, DataOpt, DepthOpt, DeviceOpt, Loss, ModelOpt, SeedOpt, WidthOpt, start
-from flatcli.cli.render import progress_bar, table
-from flatcli.data import DataSpec, load_data
+from flatcli.cli.common import DataDirOpt, DepthOpt, DeviceOpt, Loss, SeedOpt, ThreadsOpt, WidthOpt, start
 from flatcli.errors import FlatcliError
-from flatcli.models import ModelSpec
-from flatcli.training import Interrupted, Trainer, TrainConfig
-from flatcli.training.config import ALGOS, SCHEDULES
+from flatcli.optim import defaults as OD
+from flatcli.training.config import ALGOS, SCHEDULES, TrainConfig
 
 D = TrainConfig()  # the defaults, in one place
-ESGD, RSGD, OPT = "Entropy-SGD (--algo esgd)", "Replicated SGD (--algo rsgd)", "Optimization"
+ESGD, RSGD, BOTH, OPT = ("Entropy-SGD (--algo esgd)", "Replicated SGD (--algo rsgd)",
+                         "Entropic algorithms (--algo esgd and rsgd)", "Optimization")
+DATA, RUN = "Model and data", "Run folder"
+SCOPING = ("γ_1: scoping, γ_t = γ_0 (1 + γ_1)^t with t the optimizer steps already completed (γ_0 at the first "
+           "step), the same for eSGD and rSGD. Keep lr·γ_t (eSGD: langevin-lr·γ_t) below 1 for the whole run.")
 
 
 def parse_milestones(text: str) -> list[int]:
@@ -37,10 +36,10 @@ def default_out(data: str, model: str, algo: str) -> Path:
 
 def train(
     algo: Annotated[str, typer.Option(help=f"Algorithm: {', '.join(ALGOS)}.", rich_help_panel=OPT)] = D.algo,
-    epochs: Annotated[Optional[int], typer.Option(min=1, help=f"Budget in epochs; an epoch is n/B minibatch gradients per model, for every algorithm. [default: {D.epochs}]")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many optimizer steps (outer steps for eSGD).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, show_default=str(D.epochs), help="Budget in epochs; an epoch is n/B minibatch gradients per model, for every algorithm.")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many optimizer steps (outer steps for eSGD).", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per minibatch.", rich_help_panel=OPT)] = D.batch_size,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (eSGD: the outer rate η). [default: 0.1 for sgd and rsgd, 1.0 for esgd]", rich_help_panel=OPT)] = None,
+    lr: Annotated[Optional[float], typer.Option(show_default=f"{D.lr or 0.1} for sgd, {OD.RSGD_LR} for rsgd, {OD.ESGD_LR} for esgd", help="Learning rate (eSGD: the outer rate η).", rich_help_panel=OPT)] = None,
     momentum: Annotated[float, typer.Option(min=0.0, help="Momentum.", rich_help_panel=OPT)] = D.momentum,
     nesterov: Annotated[bool, typer.Option(help="Nesterov momentum.", rich_help_panel=OPT)] = D.nesterov,
     weight_decay: Annotated[float, typer.Option(min=0.0, help="L2 weight decay.", rich_help_panel=OPT)] = D.weight_decay,
@@ -49,74 +48,118 @@ def train(
     lr_decay: Annotated[float, typer.Option(min=0.0, help="Factor of the step schedule.", rich_help_panel=OPT)] = D.lr_decay,
     langevin_steps: Annotated[int, typer.Option(min=1, help="L: minibatch gradients per outer step.", rich_help_panel=ESGD)] = D.langevin_steps,
     langevin_lr: Annotated[float, typer.Option(help="η': the Langevin learning rate.", rich_help_panel=ESGD)] = D.langevin_lr,
-    noise: Annotated[float, typer.Option(min=0.0, help="ε: Langevin noise; the step adds sqrt(η') ε ξ.", rich_help_panel=ESGD)] = D.noise,
+    langevin_noise: Annotated[float, typer.Option(min=0.0, help="ε: Langevin noise; the step adds sqrt(η') ε ξ.", rich_help_panel=ESGD)] = D.noise,
+    noise: Annotated[Optional[float], typer.Option("--noise", min=0.0, hidden=True, help="Old spelling of --langevin-noise.")] = None,
     alpha: Annotated[float, typer.Option(help="α: averaging factor of μ, in [0, 1).", rich_help_panel=ESGD)] = D.alpha,
-    gamma: Annotated[float, typer.Option(min=0.0, help="γ_0: coupling strength (eSGD and rSGD).", rich_help_panel=RSGD)] = D.gamma,
-    gamma_growth: Annotated[float, typer.Option(min=0.0, help="γ_1: scoping, γ_t = γ_0 (1 + γ_1)^t over optimizer steps t. Keep lr·γ_t (eSGD: langevin-lr·γ_t) below 1 for the whole run.", rich_help_panel=RSGD)] = D.gamma_growth,
+    gamma: Annotated[float, typer.Option(min=0.0, help="γ_0: coupling strength (eSGD: of w' to w; rSGD: of the replicas to their center).", rich_help_panel=BOTH)] = D.gamma,
+    gamma_growth: Annotated[float, typer.Option(min=0.0, help=SCOPING, rich_help_panel=BOTH)] = D.gamma_growth,
     replicas: Annotated[int, typer.Option(min=2, help="y: number of replicas.", rich_help_panel=RSGD)] = D.replicas,
     coupling_every: Annotated[int, typer.Option(min=1, help="K: the coupling acts every K steps.", rich_help_panel=RSGD)] = D.coupling_every,
-    model: ModelOpt = None,
+    model: Annotated[Optional[str], typer.Option(show_default="mlp", rich_help_panel=DATA, help="Architecture: linear, mlp, lenet, convnet, resnet20, resnet110, resnet18, tv:NAME (any torchvision model) or module:function (your own factory).")] = None,
     width: WidthOpt = 128,
     depth: DepthOpt = 2,
-    data: DataOpt = None,
+    data: Annotated[Optional[str], typer.Option(show_default="teacher", rich_help_panel=DATA, help="teacher (synthetic, embedded), mnist, fashion-mnist, cifar10, cifar100, imagefolder:PATH, or a tensors file (.npz, .safetensors, .pt with x, y[, x_test, y_test]).")] = None,
     data_dir: DataDirOpt = Path("data"),
-    data_seed: Annotated[int, typer.Option(help="Seed of the teacher data and of data subsets.")] = 0,
-    n_train: Annotated[Optional[int], typer.Option(min=1, help="Training examples (teacher size, or a cap).")] = None,
-    n_test: Annotated[Optional[int], typer.Option(min=1, help="Test examples (teacher size, or a cap).")] = None,
-    augment: Annotated[bool, typer.Option(help="Random crop + flip on image data.")] = D.augment,
-    loss: Annotated[Optional[Loss], typer.Option(help="Training loss. [default: cross-entropy, mse for float targets]")] = None,
+    data_seed: Annotated[int, typer.Option(min=0, help="Seed of the teacher data and of data subsets.", rich_help_panel=DATA)] = 0,
+    n_train: Annotated[Optional[int], typer.Option(min=1, help="Training examples (teacher size, or a cap).", show_default=False, rich_help_panel=DATA)] = None,
+    n_test: Annotated[Optional[int], typer.Option(min=1, help="Test examples (teacher size, or a cap).", show_default=False, rich_help_panel=DATA)] = None,
+    augment: Annotated[bool, typer.Option(help="Random crop + flip on image data.", rich_help_panel=DATA)] = D.augment,
+    loss: Annotated[Optional[Loss], typer.Option(show_default="cross-entropy, mse for float targets", help="Training loss.")] = None,
     amp: Annotated[bool, typer.Option(help="bf16 autocast where the device supports it.")] = D.amp,
     seed: SeedOpt = D.seed,
     device: DeviceOpt = "auto",
-    out: Annotated[Optional[Path], typer.Option(help="Run folder to write. [default: runs/DATA-MODEL-ALGO, numbered if taken]")] = None,
-    init: Annotated[Optional[Path], typer.Option(help="Start from the weights of this checkpoint.")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run folder exactly where it stopped.")] = None,
+    threads: ThreadsOpt = None,
+    out: Annotated[Optional[str], typer.Option(show_default="runs/DATA-MODEL-ALGO, numbered if taken", help="Run folder to write.", rich_help_panel=RUN)] = None,
+    save_every: Annotated[Optional[int], typer.Option(min=1, show_default="every epoch", help="Also save every N steps (each save is atomic: a kill at any moment leaves a resumable folder).", rich_help_panel=RUN)] = None,
+    init: Annotated[Optional[Path], typer.Option(help="Start from the weights of this checkpoint.", show_default=False, rich_help_panel=RUN)] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run folder exactly where it stopped.", show_default=False, rich_help_panel=RUN)] = None,
 ):
     """Train a network with SGD, Entropy-SGD or replicated SGD and write a self-describing run folder.
 
     Example: flatcli train --algo esgd --epochs 20 --out runs/esgd
     """
-    dist, dev, console = start(device)
-    ranks = f" × {dist.world} ranks" if dist else ""
-    if resume is not None:
-        trainer = Trainer.resume(resume, dev, epochs=epochs, steps=steps, dist=dist)
-        console.print(f"resuming {resume} at step {trainer.step} (epoch {trainer.epoch}) on {dev}{ranks}")
-    else:
-        cfg = TrainConfig(algo=algo, epochs=epochs or D.epochs, steps=steps, batch_size=batch_size, lr=lr,
-                          momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, lr_schedule=lr_schedule,
-                          milestones=parse_milestones(milestones), lr_decay=lr_decay, seed=seed,
-                          loss=(loss.value if loss else "cross-entropy"), augment=augment, amp=amp,
-                          langevin_steps=langevin_steps, langevin_lr=langevin_lr, noise=noise, alpha=alpha,
-                          gamma=gamma, gamma_growth=gamma_growth, replicas=replicas, coupling_every=coupling_every)
-        cfg.validate()
-        init_raw = read_checkpoint(init) if init is not None else None
-        if model is None and init_raw is not None and init_raw.meta is not None:
-            model_spec = ModelSpec.from_dict(init_raw.meta["model"])
+    stop = {"asked": False, "trainer": None}
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: _on_sigint(stop))
+    try:
+        if out is not None and not out.strip():
+            raise FlatcliError("--out '' names no folder", "give a folder, e.g. --out runs/mine")
+        dist, dev, console = start(device, threads)
+        ranks = f" × {dist.world} ranks" if dist else ""
+        if resume is not None:
+            from flatcli.training import Trainer
+            trainer = Trainer.resume(resume, dev, epochs=epochs, steps=steps, dist=dist, save_every=save_every,
+                                     model=model)
+            console.print(f"resuming {resume} at step {trainer.step} (epoch {trainer.epoch}) on {dev}{ranks}")
         else:
-            model_spec = ModelSpec(name=model or "mlp", width=width, depth=depth)
-        data_obj = load_data(DataSpec(name=data or "teacher", data_dir=str(data_dir), seed=data_seed,
-                                      n_train=n_train, n_test=n_test))
-        if loss is None and data_obj.num_classes is None:
-            cfg.loss = "mse"
-        out = out or default_out(data or "teacher", model_spec.name, algo)
-        if (out / "model.safetensors").exists():
-            console.print(f"note: replacing the run in {out} (use --resume {out} to continue it instead)")
-        if dist is not None:  # every rank must write into the same folder, the one rank 0 picked
-            out = Path(distributed.broadcast(str(out)))
-        trainer = Trainer(cfg, data_obj, model_spec, dev, out=out, dist=dist,
-                          init_state=init_raw.state_dict if init_raw is not None else None, init_source=init)
-        console.print(f"training {model_spec.name} on {data_obj.spec.name} with {cfg.algo} on {dev}{ranks}: "
-                      f"{len(data_obj.train)} examples, batch {cfg.batch_size}, {trainer.total_steps} steps → {out}")
-    run_with_progress(trainer, console)
+            cfg = TrainConfig(algo=algo, epochs=epochs or D.epochs, steps=steps, batch_size=batch_size, lr=lr,
+                              momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                              lr_schedule=lr_schedule, milestones=parse_milestones(milestones), lr_decay=lr_decay,
+                              seed=seed, loss=(loss.value if loss else "cross-entropy"), augment=augment, amp=amp,
+                              langevin_steps=langevin_steps, langevin_lr=langevin_lr,
+                              noise=noise if noise is not None else langevin_noise, alpha=alpha,
+                              gamma=gamma, gamma_growth=gamma_growth, replicas=replicas, coupling_every=coupling_every)
+            cfg.validate()
+            trainer = new_trainer(cfg, model, width, depth, data, data_dir, data_seed, n_train, n_test, loss, out,
+                                  init, save_every, dist, dev, console)
+            console.print(f"training {trainer.model_spec.name} on {trainer.data.spec.name} with {cfg.algo} on "
+                          f"{dev}{ranks}: {len(trainer.data.train)} examples, batch {cfg.batch_size}, "
+                          f"{trainer.total_steps} steps → {trainer.out}")
+        stop["trainer"] = trainer
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        run_with_progress(trainer, console, stop)
+    except KeyboardInterrupt:
+        _interrupted_before_training(stop)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
-def run_with_progress(trainer: Trainer, console) -> None:
-    stop = {"asked": False}
+def _on_sigint(stop: dict) -> None:
+    """During training: ask the loop to save and stop at the next step. Before: stop at once."""
+    stop["asked"] = True
+    if stop["trainer"] is None:
+        raise KeyboardInterrupt
 
-    def on_sigint(signum, frame):
-        stop["asked"] = True
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+def _interrupted_before_training(stop: dict) -> None:
+    trainer = stop["trainer"]
+    saved = trainer is not None and trainer.out is not None and trainer.last_good is not None
+    typer.echo("interrupted before the first step: " + (f"the initial state is saved in {trainer.out}" if saved
+                                                        else "nothing was saved"), err=True)
+    raise typer.Exit(130)
+
+
+def new_trainer(cfg, model, width, depth, data, data_dir, data_seed, n_train, n_test, loss, out, init, save_every,
+                dist, dev, console):
+    """A fresh run: the model (from --model, or the --init checkpoint's metadata), the data, the folder."""
+    from flatcli import distributed
+    from flatcli.checkpoint import model_spec_from_metadata, read_checkpoint
+    from flatcli.data import DataSpec, load_data
+    from flatcli.models import ModelSpec
+    from flatcli.training import Trainer
+
+    init_raw = read_checkpoint(init) if init is not None else None
+    if model is None and init_raw is not None and init_raw.meta is not None:
+        model_spec = model_spec_from_metadata(init_raw.meta, None, init)
+    else:
+        model_spec = ModelSpec(name=model or "mlp", width=width, depth=depth)
+    data_obj = load_data(DataSpec(name=data or "teacher", data_dir=str(data_dir), seed=data_seed,
+                                  n_train=n_train, n_test=n_test))
+    if loss is None and data_obj.num_classes is None:
+        cfg.loss = "mse"
+    out = Path(out) if out else default_out(data or "teacher", model_spec.name, cfg.algo)
+    if (out / "model.safetensors").exists():
+        console.print(f"note: replacing the run in {out} (use --resume {out} to continue it instead)")
+    if dist is not None:  # every rank must write into the same folder, the one rank 0 picked
+        out = Path(distributed.broadcast(str(out)))
+    return Trainer(cfg, data_obj, model_spec, dev, out=out, dist=dist, save_every=save_every,
+                   init_state=init_raw.state_dict if init_raw is not None else None, init_source=init)
+
+
+def run_with_progress(trainer, console, stop: dict) -> None:
+    from flatcli.cli.render import progress_bar, table
+    from flatcli.training import Interrupted
+
     bar = progress_bar(console)
     try:
         with bar:
@@ -136,8 +179,6 @@ def run_with_progress(trainer: Trainer, console) -> None:
         console.print(f"interrupted at step {e.step}; the state is saved. Continue with: "
                       f"flatcli train --resume {e.out}")
         raise typer.Exit(130)
-    finally:
-        signal.signal(signal.SIGINT, previous)
     rows = [[split, metrics[f"{split}_loss"], metrics[f"{split}_error"]] for split in ("train", "test")]
     console.print(table(f"{trainer.cfg.algo} · {trainer.model_spec.name} · step {trainer.step}",
                         ["split", "loss", "error"], rows))

@@ -10,7 +10,8 @@ in t = log γ, from γ_max = max(largest asked γ, 100 × the top Hessian eigenv
 in t, plus the tail beyond γ_max where g ≈ c/γ. Each chain gives a whole curve s(γ); the reported value is
 the mean over chains and its standard error std/sqrt(chains). Chain c draws its noise from a generator
 seeded with draw_seed(seed, c) and the curvature estimate from one seeded with seed; chains run in passes of
-fixed composition, so processes can share the passes out (shard, gather) and reassemble the one-process result.
+fixed composition, so the processes of a team (flatcli.parallel) can share the passes out and reassemble the
+one-process result.
 
 Default step (lr parameterization δ ← δ − η∇U + sqrt(2η/β) ξ): η_γ = c/(h + γ), h the curvature estimate;
 c starts at min(1, 2 N^(-1/3)) and each chain tunes its own toward 60% acceptance during burn-in
@@ -24,10 +25,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from flatcli import parallel
 from flatcli.errors import FlatcliError
-from flatcli.losses import check_loss
+from flatcli.choices import check_loss
+from flatcli.measure._guard import check_finite_parameters, check_finite_value
 from flatcli.measure._langevin import FlatEnergy, Langevin
 from flatcli.measure._perturb import draw_seed
+from flatcli.checks import FLOAT32_MAX, check_float, check_positive_int, check_seed
 
 TAIL_FACTOR = 100.0  # γ_max ≥ TAIL_FACTOR × curvature: the c/γ tail is then exact to ~0.5%
 SGLD_SCALE = 0.02  # η (h + γ) for SGLD
@@ -59,20 +63,37 @@ class LadderPoint:
 class LocalEntropyResult:
     rows: list[LocalEntropyRow]  # the asked γ values, ascending
     ladder: list[LadderPoint]  # the internal γ ladder, ascending
-    beta: float
+    beta: float  # the β used (settings.beta, or the number of examples)
     n_params: int
     n_examples: int  # 0 for an energy of the parameters
     curvature: float  # top |Hessian eigenvalue| estimate at w
     sampler: str  # "mala" or "sgld"
-    steps: int
-    burn_in: int
-    chains: int
-    batch_size: int | None
     acceptance: float  # mean over the ladder; NaN for SGLD
-    seed: int
-    chains_per_pass: int
     loss: float  # L(w), the checkpoint's own loss: ⟨L(w')⟩ below it means the chains went downhill
     error: float  # ε(w); NaN for regression and custom losses
+    settings: "EntropySettings"
+
+    steps = property(lambda self: self.settings.steps)
+    burn_in = property(lambda self: self.settings.burn_in)
+    chains = property(lambda self: self.settings.chains)
+    chains_per_pass = property(lambda self: self.settings.chains_per_pass)
+    batch_size = property(lambda self: self.settings.batch_size)
+    seed = property(lambda self: self.settings.seed)
+
+    def rows_at(self) -> list[tuple[LocalEntropyRow, LadderPoint]]:
+        """Each asked γ with the ladder point it sits on (the same γ)."""
+        at = {p.gamma: p for p in self.ladder}
+        return [(r, at[min(at, key=lambda g: abs(math.log(g / r.gamma)))]) for r in self.rows]
+
+    def records(self) -> list[dict]:
+        """One tidy row per asked γ: the row's fields, then what was resolved (β, sampler, step size...)."""
+        s = self.settings
+        return [{**vars(r), "beta": self.beta, "chains": s.chains, "steps": s.steps, "burn_in": s.burn_in,
+                 "sampler": self.sampler, "acceptance": p.acceptance, "langevin_lr": p.langevin_lr,
+                 "curvature": self.curvature, "checkpoint_loss": self.loss, "checkpoint_error": self.error,
+                 "examples": self.n_examples, "parameters": self.n_params,
+                 "loss_function": s.loss if isinstance(s.loss, str) else "custom", "seed": s.seed}
+                for r, p in self.rows_at()]
 
 
 def parse_gammas(text: str) -> list[float]:
@@ -119,38 +140,60 @@ def integration_matrix(t: np.ndarray) -> np.ndarray:
     return M
 
 
-def _check(gammas, beta, steps, burn_in, chains, langevin_lr, batch_size, points_per_decade, loss, data,
-           chains_per_pass, shard):
-    g = [float(v) for v in gammas]
-    if not g or not all(math.isfinite(v) and v > 0 for v in g):
-        raise FlatcliError(f"γ values must be finite and positive, got {list(gammas)}", "pass values > 0")
-    if not 0 <= shard[0] < shard[1]:
-        raise FlatcliError(f"shard {tuple(shard)} is not (rank, world) with 0 ≤ rank < world", "pass e.g. (0, 2)")
-    for name, v, lo in (("steps", steps, 1), ("chains", chains, 1), ("points per decade", points_per_decade, 1),
-                        ("chains per pass", chains_per_pass, 1)):
-        if int(v) != v or v < lo:
-            raise FlatcliError(f"{name} must be an integer ≥ {lo}, got {v}", f"pass {name} ≥ {lo}")
-    if int(burn_in) != burn_in or not 0 <= burn_in < steps:
-        raise FlatcliError(f"burn-in must be in [0, steps), got {burn_in} with {steps} steps",
-                           "use fewer burn-in steps or more steps")
-    for name, v in (("beta", beta), ("langevin lr", langevin_lr), ("batch size", batch_size)):
-        if v is not None and not (math.isfinite(v) and v > 0):
-            raise FlatcliError(f"{name} must be finite and positive, got {v}", f"pass {name} > 0 or leave it unset")
-    if data is None and not callable(loss):
-        raise FlatcliError("no data given", "pass (inputs, targets), or a callable energy(params) as the loss")
-    if data is None and beta is None:
-        raise FlatcliError("beta has no default for an energy of the parameters", "pass beta explicitly")
-    if not callable(loss):
-        check_loss(loss)
-    return sorted(set(g))
+@dataclass(frozen=True)
+class EntropySettings:
+    """Every option of a local-entropy measurement, validated once when made (``loss`` may be a callable)."""
+    gammas: tuple[float, ...]
+    beta: float | None = None
+    steps: int = 120
+    burn_in: int = 30
+    chains: int = 4
+    chains_per_pass: int = 4
+    langevin_lr: float | None = None
+    batch_size: int | None = None
+    loss: str | Callable = "cross-entropy"
+    points_per_decade: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        try:
+            g = sorted({float(v) for v in self.gammas})
+        except (TypeError, ValueError):
+            raise FlatcliError(f"gammas={self.gammas!r} are not numbers", "pass values > 0") from None
+        if not g or not all(math.isfinite(v) and 0 < v <= FLOAT32_MAX for v in g):
+            raise FlatcliError(f"gammas={list(self.gammas)} must be finite and positive", "pass values > 0")
+        object.__setattr__(self, "gammas", tuple(g))
+        for name in ("steps", "chains", "points_per_decade", "chains_per_pass"):
+            check_positive_int(name, getattr(self, name))
+        if not _is_count(self.burn_in) or not 0 <= self.burn_in < self.steps:
+            raise FlatcliError(f"burn_in={self.burn_in!r} is not smaller than steps={self.steps}" if
+                               _is_count(self.burn_in) and self.burn_in >= self.steps else
+                               f"burn_in={self.burn_in!r} is not an integer >= 0",
+                               "use fewer burn-in steps or more steps, e.g. steps=120 with burn_in=30")
+        for name in ("beta", "langevin_lr"):
+            if getattr(self, name) is not None:
+                check_float(name, getattr(self, name))
+        if self.batch_size is not None:
+            check_positive_int("batch_size", self.batch_size)
+        if not callable(self.loss):
+            check_loss(self.loss)
+        check_seed("seed", self.seed)
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return {**d, "gammas": list(self.gammas), "loss": self.loss if isinstance(self.loss, str) else repr(self.loss)}
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def local_entropy(model: torch.nn.Module, data, gammas: Sequence[float], *, beta: float | None = None,
                   steps: int = 120, burn_in: int = 30, chains: int = 4, langevin_lr: float | None = None,
                   batch_size: int | None = None, loss: str | Callable = "cross-entropy",
                   points_per_decade: int = 3, seed: int = 0,
-                  callback: Callable[[int, int], None] | None = None, chains_per_pass: int = 4,
-                  shard: tuple[int, int] = (0, 1), gather: Callable | None = None) -> LocalEntropyResult:
+                  callback: Callable[[int, int], None] | None = None,
+                  chains_per_pass: int = 4) -> LocalEntropyResult:
     """Normalized local entropy s(γ) of the model's current weights w at each γ in gammas.
 
     data: (inputs, targets) tensors, or None with ``loss`` a callable energy(params: dict) -> scalar.
@@ -161,91 +204,79 @@ def local_entropy(model: torch.nn.Module, data, gammas: Sequence[float], *, beta
     (BatchNorm uses its stored statistics); its parameters and buffers are never changed.
     The defaults (120 steps with 30 burn-in, 4 chains, 3 ladder points per decade) take about a minute
     for a 20k-parameter MLP on 4000 examples on 2 CPU cores: one forward-backward pass per chain and step.
-    callback(done, total): after each Langevin step of a pass, total = (ladder length) × steps × passes.
+    callback(increment, total): after each Langevin step of a pass, total = (ladder length) × steps × passes
+    (this process's passes under a team).
 
     chains_per_pass: the chains run in passes of this many (the last may hold fewer), each pass one
     vectorized (vmap) evaluation per step; chain c is in pass c // chains_per_pass. Chain c draws its
     randomness from its own generator, seeded from (seed, c), and tunes its own step, and a pass computes
     exactly the same way wherever it runs: the result depends on seed, chains and chains_per_pass, not on
-    how the passes are shared out.
-    shard=(rank, world), gather: share the passes among processes. This process runs the passes
-    p ≡ rank (mod world); ``gather(tensor)`` must return every process's tensor in rank order (e.g. an
-    all-gather); it is called twice, for the curvature (rank 0's is used everywhere, so every process builds
-    the same γ ladder) and for the per-chain statistics. The result equals the one-process result bit for bit.
+    how the passes are shared out among the processes of a team (``flatcli.parallel``), which take the
+    passes p ≡ rank (mod world); the curvature is rank 0's everywhere, so every process builds the same γ
+    ladder, and the result equals the one-process result bit for bit.
     """
-    gammas = _check(gammas, beta, steps, burn_in, chains, langevin_lr, batch_size, points_per_decade, loss, data,
-                    chains_per_pass, shard)
+    settings = EntropySettings(tuple(gammas), beta, steps, burn_in, chains, chains_per_pass, langevin_lr,
+                               batch_size, loss, points_per_decade, seed)
+    return measure(model, data, settings, callback=callback)
+
+
+def measure(model: torch.nn.Module, data, settings: EntropySettings, *, callback=None) -> LocalEntropyResult:
+    """``local_entropy`` with its options already validated in ``settings``."""
+    if data is None and not callable(settings.loss):
+        raise FlatcliError("data=None needs an energy", "pass (inputs, targets), or loss=energy(params) callable")
+    if data is None and settings.beta is None:
+        raise FlatcliError("beta=None has no default for an energy of the parameters", "pass beta explicitly")
+    check_finite_parameters(model)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        energy = FlatEnergy(model, data, loss)
-        beta = float(energy.n if beta is None else beta)
-        return _measure(energy, gammas, beta, steps, burn_in, chains, chains_per_pass, langevin_lr, batch_size,
-                        points_per_decade, seed, callback, shard, gather)
+        energy = FlatEnergy(model, data, settings.loss)
+        return _measure(energy, settings, callback)
     finally:
         for m, mode in modes:
             m.training = mode
 
 
-def _measure(energy, gammas, beta, steps, burn_in, chains, per_pass, langevin_lr, batch_size, ppd, seed,
-             callback, shard, gather):
-    N, device = energy.w.numel(), energy.w.device
-    passes = [list(range(c, min(c + per_pass, chains))) for c in range(0, chains, per_pass)]
-    h = energy.curvature(torch.Generator(device=device).manual_seed(seed))  # the same draws in every process
-    if gather is not None:  # rank 0's estimate everywhere: one ladder for all
-        h = float(gather(torch.tensor([h], dtype=torch.float64))[0][0])
-    ladder = gamma_ladder(gammas, max(gammas[-1], TAIL_FACTOR * h), ppd)
+def _measure(energy, s: EntropySettings, callback):
+    N, device, team = energy.w.numel(), energy.w.device, parallel.current()
+    beta = float(energy.n if s.beta is None else s.beta)
+    passes = [list(range(c, min(c + s.chains_per_pass, s.chains))) for c in range(0, s.chains, s.chains_per_pass)]
+    h = team.first(energy.curvature(torch.Generator(device=device).manual_seed(s.seed)))  # one ladder for all
+    ladder = gamma_ladder(s.gammas, max(s.gammas[-1], TAIL_FACTOR * h), s.points_per_decade)
     at_w = [float(v[0]) for v in energy(torch.zeros(1, N, device=device))[:2]]  # L(w), ε(w)
-    mine = passes[shard[0]::shard[1]]
-    total, done = len(ladder) * steps * len(mine), [0]
-
-    def tick():
-        done[0] += 1
-        if callback:
-            callback(done[0], total)
+    check_finite_value("loss", at_w[0])
+    mine = [passes[p] for p in team.mine(len(passes))]
+    total = len(ladder) * s.steps * len(mine)
+    tick = (lambda: callback(1, total)) if callback else None
 
     def sampler(chains):  # every pass walks the same minibatch sequence (SGLD)
-        gens = [torch.Generator(device=device).manual_seed(draw_seed(seed, c)) for c in chains]
-        return Langevin(energy, beta, gens, batch_size, torch.Generator(device=device).manual_seed(
-            draw_seed(seed, BATCH_STREAM)))
+        gens = [torch.Generator(device=device).manual_seed(draw_seed(s.seed, c)) for c in chains]
+        return Langevin(energy, beta, gens, s.batch_size, torch.Generator(device=device).manual_seed(
+            draw_seed(s.seed, BATCH_STREAM)))
 
-    runs = [_run_ladder(sampler(chains), ladder, h, steps, burn_in, langevin_lr, tick) for chains in mine]
-    per_chain = torch.cat(runs) if runs else torch.zeros(0, len(ladder), len(STATS), dtype=torch.float64)
-    if gather is not None:
-        per_chain = _reassemble(gather(per_chain), passes)
-    return _summarize(per_chain.numpy(), gammas, ladder, beta, N, energy, h, Langevin.is_mala(energy, batch_size),
-                      steps, burn_in, chains, batch_size, seed, per_pass, at_w)
+    runs = [_run_ladder(sampler(chains), ladder, h, s.steps, s.burn_in, s.langevin_lr, tick) for chains in mine]
+    per_chain = torch.cat(team.gather_units(runs, len(passes)))  # (chains, ladder, stats), chain order
+    return _summarize(per_chain.numpy(), s, ladder, beta, N, energy, h, Langevin.is_mala(energy, s.batch_size),
+                      at_w)
 
 
-def _reassemble(parts: list[torch.Tensor], passes: list[list[int]]) -> torch.Tensor:
-    """Every chain in chain order from ``world`` processes' results (process r: its passes r, r + world, ...)."""
-    world, taken, out = len(parts), [0] * len(parts), []
-    for p, chains in enumerate(passes):
-        r = p % world
-        out.append(parts[r][taken[r]:taken[r] + len(chains)])
-        taken[r] += len(chains)
-    return torch.cat(out)
-
-
-def _summarize(per_chain, gammas, ladder, beta, N, energy, h, mala, steps, burn_in, chains, batch_size, seed,
-               chains_per_pass, at_w):
+def _summarize(per_chain, s: EntropySettings, ladder, beta, N, energy, h, mala, at_w):
     """(chains, ladder, stats) per-chain means -> the rows at the asked γ, the ladder, the whole result."""
     _check_finite(per_chain, ladder)
     col = dict(zip(STATS, np.moveaxis(per_chain, 2, 0)))  # name -> (chains, ladder)
     slope = beta / (2 * N) * col["dot"]  # γ ∂s/∂γ, Stein form
     curves = -slope @ integration_matrix(np.log(ladder)).T  # (chains, ladder): one s(γ) curve per chain
-    sem = lambda a: a.std(0, ddof=1) / math.sqrt(chains) if chains > 1 else np.full(a.shape[1], np.nan)
-    s, s_sem, slope_sem = curves.mean(0), sem(curves), sem(slope)
+    sem = lambda a: a.std(0, ddof=1) / math.sqrt(s.chains) if s.chains > 1 else np.full(a.shape[1], np.nan)
+    ent, ent_sem, slope_sem = curves.mean(0), sem(curves), sem(slope)
     sq, loss_mean, err_mean, lrs = (col[k].mean(0) for k in ("sq", "loss", "error", "lr"))
     acc = col["accept"].mean(0) if mala else np.full(len(ladder), np.nan)
-    idx = [int(np.argmin(np.abs(np.log(ladder) - math.log(g)))) for g in gammas]  # asked γ are on the ladder
-    rows = [LocalEntropyRow(g, float(s[i]), float(s_sem[i]), float(sq[i] / N), float(loss_mean[i]),
-                            float(err_mean[i])) for g, i in zip(gammas, idx)]
+    idx = [int(np.argmin(np.abs(np.log(ladder) - math.log(g)))) for g in s.gammas]  # asked γ are on the ladder
+    rows = [LocalEntropyRow(g, float(ent[i]), float(ent_sem[i]), float(sq[i] / N), float(loss_mean[i]),
+                            float(err_mean[i])) for g, i in zip(s.gammas, idx)]
     points = [LadderPoint(float(g), float(lr), float(a), float(m), float(e), float(0.5 * (1 - beta * g * q / N)))
               for g, lr, a, m, e, q in zip(ladder, lrs, acc, slope.mean(0), slope_sem, sq)]
     return LocalEntropyResult(rows, points, beta, N, 0 if energy.x is None else energy.n, h,
-                              "mala" if mala else "sgld", steps, burn_in, chains, batch_size,
-                              float(acc.mean()), seed, chains_per_pass, *at_w)
+                              "mala" if mala else "sgld", float(acc.mean()), *at_w, settings=s)
 
 
 def _check_finite(per_chain, ladder):

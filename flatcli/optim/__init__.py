@@ -1,5 +1,14 @@
-"""Entropic optimizers, each a ``torch.optim.Optimizer``: Entropy-SGD (eSGD) and replicated SGD (rSGD)."""
-from flatcli.optim.entropy_sgd import EntropySGD
-from flatcli.optim.replicated_sgd import ReplicatedSGD
+"""Entropic optimizers, each a ``torch.optim.Optimizer``: Entropy-SGD (eSGD) and replicated SGD (rSGD).
 
-__all__ = ["EntropySGD", "ReplicatedSGD"]
+Imported on first use, so that reading the defaults (``flatcli.optim.defaults``) costs no torch import.
+"""
+import importlib
+
+_LAZY = {"EntropySGD": "flatcli.optim.entropy_sgd", "ReplicatedSGD": "flatcli.optim.replicated_sgd"}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'flatcli.optim' has no attribute {name!r}")

@@ -4,22 +4,15 @@ import math
 
 import torch
 
-from flatcli.optim._momentum import momentum_direction
+from flatcli.optim import defaults as D
+from flatcli.optim._momentum import check_hyper, momentum_direction
 
-# Defaults for a small MLP / conv net, after Chaudhari et al. and Pittorino et al., tuned on flatcli's
-# default problem (teacher data, mlp): at the same gradient budget they match SGD's test error there.
-DEFAULT_LR = 1.0              # η: outer step; 1 moves w all the way to the Langevin average μ
-DEFAULT_LANGEVIN_LR = 0.25    # η': step of the inner Langevin chain
-DEFAULT_LANGEVIN_STEPS = 2    # L: minibatch gradients per outer step
-DEFAULT_GAMMA = 0.1           # γ_0: coupling of w' to w (the papers scope it with γ_1 ≈ 1e-3 per outer step)
-DEFAULT_GAMMA_GROWTH = 0.0    # γ_1: off by default; η'γ_t must stay < 2 or the inner chain diverges
-DEFAULT_NOISE = 1e-4          # ε: thermal noise of the Langevin chain
-DEFAULT_ALPHA = 0.75          # α: averaging factor of μ
-
-
-def _check(ok: bool, name: str, value, need: str) -> None:
-    if not ok:
-        raise ValueError(f"Invalid {name}: {value!r} (need {need})")
+DEFAULT_LR, DEFAULT_LANGEVIN_LR, DEFAULT_LANGEVIN_STEPS = D.ESGD_LR, D.ESGD_LANGEVIN_LR, D.ESGD_LANGEVIN_STEPS
+DEFAULT_GAMMA, DEFAULT_GAMMA_GROWTH, DEFAULT_NOISE, DEFAULT_ALPHA = D.ESGD_GAMMA, D.GAMMA_GROWTH, D.ESGD_NOISE, \
+    D.ESGD_ALPHA
+# hyper-parameters a param group may set for itself, and the range of each
+_RANGES = {"lr": ">= 0", "langevin_lr": ">= 0", "gamma": ">= 0", "gamma_growth": ">= 0", "noise": ">= 0",
+           "alpha": "in [0, 1)", "momentum": ">= 0", "weight_decay": ">= 0"}
 
 
 class EntropySGD(torch.optim.Optimizer):
@@ -44,12 +37,16 @@ class EntropySGD(torch.optim.Optimizer):
     ``closure()`` must zero the grads, compute the loss of a fresh minibatch, call backward and return the loss;
     it is called L times per step, while the parameters hold w'. After the step they hold the new w. A
     parameter whose ``.grad`` is None after a closure call does not move in that Langevin step (frozen
-    parameters stay frozen). ``step`` returns the mean of the L closure losses.
+    parameters stay frozen: with momentum, a parameter that had no gradient in any of the L closure calls
+    does not take the outer step either, as with ``torch.optim.SGD``). ``step`` returns the mean of the L
+    closure losses.
 
     Noise: one ``torch.randn`` draw per parameter per Langevin step, in parameter order, from ``generator``
     (a ``torch.Generator`` on the parameters' device; None = the global RNG). None is drawn when ε = 0.
     The optimizer does not save the generator: for an exact resume the caller saves ``generator.get_state()``
-    next to ``state_dict()``. ``langevin_steps`` is read from the first param group.
+    next to ``state_dict()``. Every hyper-parameter but ``langevin_steps`` may be set per param group (each
+    group's values are checked); all groups share one inner loop, so ``langevin_steps`` is the optimizer's
+    and a param group that sets its own is refused.
     """
 
     def __init__(self, params, lr: float = DEFAULT_LR, *, langevin_lr: float = DEFAULT_LANGEVIN_LR,
@@ -57,22 +54,23 @@ class EntropySGD(torch.optim.Optimizer):
                  gamma_growth: float = DEFAULT_GAMMA_GROWTH, noise: float = DEFAULT_NOISE,
                  alpha: float = DEFAULT_ALPHA, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, generator: torch.Generator | None = None):
-        _check(lr >= 0, "learning rate (lr)", lr, ">= 0")
-        _check(langevin_lr >= 0, "langevin_lr", langevin_lr, ">= 0")
-        _check(isinstance(langevin_steps, int) and langevin_steps >= 1, "langevin_steps", langevin_steps,
-               "an integer >= 1")
-        _check(gamma >= 0, "gamma", gamma, ">= 0")
-        _check(gamma_growth >= 0, "gamma_growth", gamma_growth, ">= 0")
-        _check(noise >= 0, "noise", noise, ">= 0")
-        _check(0 <= alpha < 1, "alpha", alpha, "0 <= alpha < 1")
-        _check(momentum >= 0, "momentum", momentum, ">= 0")
-        _check(weight_decay >= 0, "weight_decay", weight_decay, ">= 0")
-        _check(not nesterov or momentum > 0, "nesterov", nesterov, "momentum > 0 with nesterov=True")
-        defaults = dict(lr=lr, langevin_lr=langevin_lr, langevin_steps=langevin_steps, gamma=gamma,
+        if not (isinstance(langevin_steps, int) and langevin_steps >= 1):
+            raise ValueError(f"Invalid langevin_steps: {langevin_steps!r} (need an integer >= 1)")
+        self.langevin_steps = langevin_steps
+        defaults = dict(lr=lr, langevin_lr=langevin_lr, gamma=gamma,
                         gamma_growth=gamma_growth, noise=noise, alpha=alpha, momentum=momentum,
                         nesterov=nesterov, weight_decay=weight_decay, step_count=0)
         super().__init__(params, defaults)
         self.generator = generator
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Check the group's own values (torch.optim passes every group through here, the first included)."""
+        if "langevin_steps" in param_group and param_group["langevin_steps"] != self.langevin_steps:
+            raise ValueError(f"Invalid langevin_steps in a param group: {param_group['langevin_steps']!r} (all "
+                             f"groups share one inner loop of {self.langevin_steps} steps: set it on the optimizer)")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        check_hyper(group, _RANGES)
 
     @staticmethod
     def _gamma(group) -> float:
@@ -90,19 +88,20 @@ class EntropySGD(torch.optim.Optimizer):
             raise ValueError("EntropySGD.step needs a closure that returns the loss of a fresh minibatch")
         anchors = [[p.detach().clone() for p in g["params"]] for g in self.param_groups]  # w
         means = [[w.clone() for w in ws] for ws in anchors]                                # μ
-        steps = self.param_groups[0]["langevin_steps"]
+        moved = [set() for _ in self.param_groups]  # indices of the parameters that had a gradient
         total = 0.0
-        for _ in range(steps):
+        for _ in range(self.langevin_steps):
             with torch.enable_grad():
                 loss = closure()
             total = total + (loss.detach() if torch.is_tensor(loss) else loss)
-            for group, ws, mus in zip(self.param_groups, anchors, means):
-                self._langevin_step(group, ws, mus)
-        for group, ws, mus in zip(self.param_groups, anchors, means):
-            self._outer_step(group, ws, mus)
-        return total / steps
+            for group, ws, mus, m in zip(self.param_groups, anchors, means, moved):
+                m.update(self._langevin_step(group, ws, mus))
+        for group, ws, mus, m in zip(self.param_groups, anchors, means, moved):
+            self._outer_step(group, ws, mus, sorted(m))
+        return total / self.langevin_steps
 
-    def _langevin_step(self, group, ws, mus) -> None:
+    def _langevin_step(self, group, ws, mus) -> list[int]:
+        """One inner step of the parameters that have a gradient; returns their indices."""
         ps = group["params"]
         moving = [i for i, p in enumerate(ps) if p.grad is not None]
         if moving:
@@ -122,12 +121,16 @@ class EntropySGD(torch.optim.Optimizer):
                       for p in params]
                 torch._foreach_add_(params, xi, alpha=math.sqrt(group["langevin_lr"]) * group["noise"])
         torch._foreach_lerp_(mus, ps, 1 - group["alpha"])               # μ ← α μ + (1 − α) w'
+        return moving
 
-    def _outer_step(self, group, ws, mus) -> None:
+    def _outer_step(self, group, ws, mus, moved: list[int]) -> None:
+        """w ← w − η (w − μ) for the parameters that moved; the others (frozen) keep w and their momentum."""
         ps = group["params"]
-        d = torch._foreach_sub(ws, mus)                                 # w − μ ≈ ∇L_LE(w) / γ
-        if group["momentum"]:
-            d = momentum_direction(self, ps, d, group["momentum"], group["nesterov"])
-        torch._foreach_add_(ws, d, alpha=-group["lr"])                  # w ← w − η d
+        if moved:
+            w, mu = [ws[i] for i in moved], [mus[i] for i in moved]
+            d = torch._foreach_sub(w, mu)                               # w − μ ≈ ∇L_LE(w) / γ
+            if group["momentum"]:
+                d = momentum_direction(self, [ps[i] for i in moved], d, group["momentum"], group["nesterov"])
+            torch._foreach_add_(w, d, alpha=-group["lr"])               # w ← w − η d
         torch._foreach_copy_(ps, ws)
         group["step_count"] += 1

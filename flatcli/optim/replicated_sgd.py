@@ -4,12 +4,12 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from flatcli.optim._momentum import momentum_direction
+from flatcli.optim import defaults as D
+from flatcli.optim._momentum import check_hyper, momentum_direction
 
-DEFAULT_LR = 0.1           # η: SGD step of every replica (the same as SGD's, so the two compare at one step size)
-DEFAULT_COUPLING = 0.1     # γ_0: pull of each replica to the center (η γ_0 per step sets how fast they meet)
-DEFAULT_COUPLING_EVERY = 1  # K: couple every K steps, with a K times stronger pull
-DEFAULT_GAMMA_GROWTH = 0.0  # γ_1: scoping γ_t = γ_0 (1 + γ_1)^t, off by default
+DEFAULT_LR, DEFAULT_COUPLING, DEFAULT_COUPLING_EVERY = D.RSGD_LR, D.RSGD_COUPLING, D.RSGD_COUPLING_EVERY
+DEFAULT_GAMMA_GROWTH = D.GAMMA_GROWTH
+_RANGES = {"lr": ">= 0", "coupling": ">= 0", "gamma_growth": ">= 0", "momentum": ">= 0", "weight_decay": ">= 0"}
 
 
 def _check(ok: bool, name: str, value, need: str) -> None:
@@ -26,14 +26,15 @@ class ReplicatedSGD(torch.optim.Optimizer):
 
         w̄   ← (1/y) Σ_a w^a                                  (before any replica moves)
         dw^a ← ∇L(w^a; Ξ_a) [+ weight_decay · w^a]          (the gradient already in .grad)
-        if t ≡ 0 (mod K):  dw^a ← dw^a + K γ_t (w^a − w̄),    γ_t = γ_0 (1 + γ_1)^t
+        if t ≡ 0 (mod K):  dw^a ← dw^a + K γ_t (w^a − w̄),    γ_t = γ_0 (1 + γ_1)^(t − 1)
         [momentum m: b ← m b + dw^a (b starts at 0);  dw^a ← dw^a + m b if nesterov else b]
         w^a  ← w^a − η dw^a
 
     With ``momentum = weight_decay = 0`` and ``gamma_growth = 0`` this is exactly seed Algorithm 2. Momentum
-    acts on the whole coupled gradient, so with γ = 0 each replica runs ``torch.optim.SGD``. The step count
-    t − 1 is kept per group under ``"step_count"``, so it survives ``state_dict()``; K and the count are read
-    from the first group. Parameters whose ``.grad`` is None do not move (they still count in w̄).
+    acts on the whole coupled gradient, so with γ = 0 each replica runs ``torch.optim.SGD``. The exponent of
+    the scoping is the number of steps already completed, t − 1, as in EntropySGD (γ_0 at the first step).
+    The step count t − 1 is kept per group under ``"step_count"``, so it survives ``state_dict()``; K and the
+    count are read from the first group (groups are replicas, which share them). Parameters whose ``.grad`` is None do not move (they still count in w̄).
 
     Replicas spread over processes: give each process its own replicas, ``total_replicas`` = y over all of
     them, and ``all_reduce`` (a function that sums a list of tensors over the processes in place, e.g. with
@@ -54,23 +55,22 @@ class ReplicatedSGD(torch.optim.Optimizer):
         for a, r in enumerate(replicas[1:], start=1):
             _check([tuple(p.shape) for p in r] == shapes, f"parameter shapes of replica {a}",
                    [tuple(p.shape) for p in r], f"the shapes of replica 0, {shapes}")
-        _check(lr >= 0, "learning rate (lr)", lr, ">= 0")
-        _check(coupling >= 0, "coupling", coupling, ">= 0")
         _check(isinstance(coupling_every, int) and coupling_every >= 1, "coupling_every", coupling_every,
                "an integer >= 1")
-        _check(gamma_growth >= 0, "gamma_growth", gamma_growth, ">= 0")
-        _check(momentum >= 0, "momentum", momentum, ">= 0")
-        _check(weight_decay >= 0, "weight_decay", weight_decay, ">= 0")
-        _check(not nesterov or momentum > 0, "nesterov", nesterov, "momentum > 0 with nesterov=True")
         defaults = dict(lr=lr, coupling=coupling, coupling_every=coupling_every, gamma_growth=gamma_growth,
                         momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, step_count=0)
         super().__init__([{"params": r} for r in replicas], defaults)
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Check the replica's values (torch.optim passes every group through here)."""
+        super().add_param_group(param_group)
+        check_hyper(self.param_groups[-1], _RANGES)
+
     @property
     def current_gamma(self) -> float:
-        """γ_t = γ_0 (1 + γ_1)^t of the coming step t (first param group)."""
+        """γ_t = γ_0 (1 + γ_1)^(t − 1) of the coming step t, t − 1 steps completed (first param group)."""
         g = self.param_groups[0]
-        return g["coupling"] * (1 + g["gamma_growth"]) ** (g["step_count"] + 1)
+        return g["coupling"] * (1 + g["gamma_growth"]) ** g["step_count"]
 
     def will_couple(self) -> bool:
         """Whether the coming step t applies the coupling (t ≡ 0 mod K); only then is the center needed."""
