@@ -28,11 +28,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 MAIN = ("sgd", "esgd", "rsgd")  # the algorithms compared over seeds, in table order
 CONTROL, FAMILY = "sgd-compute", "sgd-family"
@@ -205,38 +207,41 @@ def mean_std(values) -> tuple[float, float, int]:
 
 def rank(x) -> np.ndarray:
     """Ranks 1..n, ties sharing the mean of the ranks they span (the convention of Spearman's ρ)."""
-    x = np.asarray(x, dtype=np.float64)
-    ranks = np.empty(len(x))
-    ranks[np.argsort(x, kind="stable")] = np.arange(1, len(x) + 1)
-    _, tie, counts = np.unique(x, return_inverse=True, return_counts=True)  # tie: the group of each value
-    return (np.bincount(tie, weights=ranks) / counts)[tie]
+    return stats.rankdata(np.asarray(x, dtype=np.float64), method="average")
 
 
 def spearman(x, y) -> float:
-    """Spearman's ρ: the Pearson correlation of the ranks, ρ = cov(r_x, r_y) / (σ(r_x) σ(r_y)); NaN if constant."""
-    rx, ry = rank(x) - (len(x) + 1) / 2, rank(y) - (len(y) + 1) / 2
-    denominator = math.sqrt(float(rx @ rx) * float(ry @ ry))
-    return float(rx @ ry) / denominator if denominator > 0 else math.nan
+    """Spearman's ρ (scipy.stats.spearmanr); NaN when either variable is constant."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    return float(stats.spearmanr(x, y).statistic)
 
 
 def permutation_p(x, y, permutations: int = PERMUTATIONS, seed: int = PERMUTATION_SEED) -> float:
-    """Two-sided p-value of ρ = 0: (1 + #{|ρ(x, π y)| ≥ |ρ(x, y)|}) / (1 + permutations), π random shuffles."""
-    rx, ry = rank(x) - (len(x) + 1) / 2, rank(y) - (len(y) + 1) / 2
-    scale = math.sqrt(float(rx @ rx) * float(ry @ ry))
-    if scale == 0:
+    """Two-sided permutation p-value of ρ = 0: Pearson's r of the ranks under scipy's permutation method
+    (exact when the permutations number fewer than ``permutations``)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
         return math.nan
-    rng = np.random.default_rng(seed)
-    shuffled = np.stack([rng.permutation(ry) for _ in range(permutations)])  # (permutations, n)
-    observed = abs(float(rx @ ry)) / scale
-    return float((1 + np.sum(np.abs(shuffled @ rx) / scale >= observed - 1e-12)) / (1 + permutations))
+    method = stats.PermutationMethod(n_resamples=permutations, rng=np.random.default_rng(seed))
+    return float(stats.pearsonr(rank(x), rank(y), method=method).pvalue)
 
 
 def difference(a: list[float], b: list[float]) -> tuple[float, float]:
-    """mean(a) − mean(b) and its standard error sqrt(s_a²/n_a + s_b²/n_b) (Welch)."""
-    (ma, sa, na), (mb, sb, nb) = mean_std(a), mean_std(b)
+    """mean(a) − mean(b) and its Welch standard error (from scipy.stats.ttest_ind(equal_var=False))."""
+    (ma, _, na), (mb, _, nb) = mean_std(a), mean_std(b)
     if na < 2 or nb < 2:
         return ma - mb, math.nan
-    return ma - mb, math.sqrt(sa ** 2 / na + sb ** 2 / nb)
+    a = [v for v in a if math.isfinite(v)]
+    b = [v for v in b if math.isfinite(v)]
+    with warnings.catch_warnings():  # identical samples: scipy warns, and the t statistic is NaN (handled)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        test = stats.ttest_ind(a, b, equal_var=False)
+    if not math.isfinite(test.statistic):  # both samples constant: no spread at all
+        return ma - mb, 0.0
+    low, high = test.confidence_interval(0.95)
+    return ma - mb, float((high - low) / (2 * stats.t.ppf(0.975, test.df)))
 
 
 def verdict(diff: float, se: float, lower_is: str, higher_is: str) -> str:

@@ -225,3 +225,35 @@ def tensor_file_factory(tmp_path):
         write_tensor_file(path, tensors)
         return str(path)
     return make
+
+
+# -- shared runs and settings -----------------------------------------------------------------------
+
+TINY_TRAIN = ["--n-train", "256", "--n-test", "128", "--batch-size", "32", "--width", "16", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The nets in these tests are tiny: one thread avoids thread-pool stalls on a busy machine.
+    Opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """Tiny trained runs on teacher data (256 train / 128 test examples, mlp 16x2): ``sgd`` (8 steps) and
+    ``rsgd`` (2 replicas, 2 steps). Read-only: copy a run before changing it."""
+    from clitools import invoke
+    root = tmp_path_factory.mktemp("runs")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, extra in (("sgd", ["--steps", "8"]), ("rsgd", ["--algo", "rsgd", "--replicas", "2", "--steps", "2"])):
+            result = invoke("train", *extra, "--out", root / name, *TINY_TRAIN)
+            assert result.exit_code == 0, result.stderr
+    finally:
+        torch.set_num_threads(threads)
+    return root

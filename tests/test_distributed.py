@@ -47,13 +47,21 @@ def test_train_matches_one_process(tmp_path, algo, extra):
     assert result.stderr.count("checkpoint:") == 1  # rank 0 alone speaks
 
 
-def test_rsgd_resume_under_torchrun_matches_uninterrupted(tmp_path):
-    args = ["train", "--algo", "rsgd", "--replicas", "2", *TINY, "--momentum", "0.9"]
+@pytest.mark.parametrize("algo,extra,first,second", [
+    ("rsgd", ["--replicas", "2"], "torchrun", "one"),   # replicas of 2 ranks resumed by one process
+    ("sgd", [], "one", "torchrun")])                   # a one-process run resumed data-parallel on 2 ranks
+def test_resume_at_another_world_size_matches_uninterrupted(tmp_path, algo, extra, first, second):
+    args = ["train", "--algo", algo, *extra, *TINY, "--momentum", "0.9"]
     assert invoke(*args, "--steps", "20", "--out", tmp_path / "one").exit_code == 0
-    assert torchrun("-m", "flatcli", *args, "--steps", "9", "--out", tmp_path / "two").returncode == 0
-    result = torchrun("-m", "flatcli", "train", "--resume", tmp_path / "two", "--steps", "20", "--device", "cpu")
+    launch = {"one": lambda *a: subprocess.run([sys.executable, "-m", "flatcli", *map(str, a)], capture_output=True,
+                                               text=True, timeout=180), "torchrun": lambda *a: torchrun("-m", "flatcli", *a)}
+    done = launch[first](*args, "--steps", "9", "--out", tmp_path / "two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = launch[second]("train", "--resume", tmp_path / "two", "--steps", "20", "--device", "cpu")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_close_weights(tmp_path / "one" / "replicas.safetensors", tmp_path / "two" / "replicas.safetensors")
+    assert "resuming" in result.stderr and "at step 9" in result.stderr
+    for name in ("model.safetensors",) + (("replicas.safetensors",) if algo == "rsgd" else ()):
+        assert_close_weights(tmp_path / "one" / name, tmp_path / "two" / name)
 
 
 def test_replicas_must_split_evenly(tmp_path):

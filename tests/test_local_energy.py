@@ -15,13 +15,7 @@ from flatcli.measure import local_energy, parse_sigmas
 from flatcli.measure._perturb import draw_noise
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: one thread avoids thread-pool stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _normal_cdf(t: torch.Tensor) -> torch.Tensor:

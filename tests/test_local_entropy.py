@@ -16,13 +16,7 @@ from flatcli.errors import FlatcliError
 from flatcli.measure.local_entropy import gamma_ladder, integration_matrix, local_entropy, parse_gammas
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These problems are tiny: a second intra-op thread only adds contention on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def exact_s(h, gamma):

@@ -28,23 +28,8 @@ TINY = ["--n-train", "256", "--n-test", "128", "--batch-size", "32", "--width", 
 FAST = ["--steps", "6", "--burn-in", "2", "--chains", "2", "--max-examples", "64"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The nets here are tiny: one thread avoids thread-pool stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Tiny trained runs on teacher data (256 train examples, mlp 16x2): SGD, and rSGD with 2 replicas."""
-    root = tmp_path_factory.mktemp("runs")
-    for name, extra in (("sgd", ["--steps", "8"]), ("rsgd", ["--algo", "rsgd", "--replicas", "2", "--steps", "2"])):
-        result = invoke("train", *extra, "--out", root / name, *TINY)
-        assert result.exit_code == 0, result.stderr
-    return root
 
 
 def entropy(*args):

@@ -100,6 +100,12 @@ class FlatcliGroup(TyperGroup):
     """Catches user mistakes once, at the boundary: one line on stderr, exit 2, no traceback; Ctrl-C: one
     line, exit 130."""
 
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # before Typer turns it into a silent Exit(130)
+            interrupted()
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             rv = super().main(args=args, prog_name=prog_name or "flatcli", complete_var=complete_var,
@@ -120,9 +126,12 @@ class FlatcliGroup(TyperGroup):
             sys.exit(e.exit_code)
         except ABORTS:
             interrupted()
+
         finally:
             if "flatcli.distributed" in sys.modules:  # imported by a command that joined a torchrun job
                 sys.modules["flatcli.distributed"].shutdown()
+        if rv == 130:  # Typer turned a Ctrl-C into a silent Exit(130) before a command could report it
+            interrupted()
         sys.exit(rv if isinstance(rv, int) else 0)
 
 

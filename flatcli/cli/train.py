@@ -1,5 +1,6 @@
 """``flatcli train``: parse, train, render. The loop itself lives in flatcli.training (imported when it runs)."""
 import signal
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -126,7 +127,7 @@ def _interrupted_before_training(stop: dict) -> None:
     saved = trainer is not None and trainer.out is not None and trainer.last_good is not None
     typer.echo("interrupted before the first step: " + (f"the initial state is saved in {trainer.out}" if saved
                                                         else "nothing was saved"), err=True)
-    raise typer.Exit(130)
+    sys.exit(130)
 
 
 def new_trainer(cfg, model, width, depth, data, data_dir, data_seed, n_train, n_test, loss, out, init, save_every,
@@ -178,7 +179,7 @@ def run_with_progress(trainer, console, stop: dict) -> None:
     except Interrupted as e:
         console.print(f"interrupted at step {e.step}; the state is saved. Continue with: "
                       f"flatcli train --resume {e.out}")
-        raise typer.Exit(130)
+        sys.exit(130)  # (a typer.Exit(130) would read as a Ctrl-C that nobody reported)
     rows = [[split, metrics[f"{split}_loss"], metrics[f"{split}_error"]] for split in ("train", "test")]
     console.print(table(f"{trainer.cfg.algo} · {trainer.model_spec.name} · step {trainer.step}",
                         ["split", "loss", "error"], rows))

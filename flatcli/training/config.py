@@ -5,11 +5,13 @@ from flatcli.choices import check_loss
 from flatcli.errors import FlatcliError
 from flatcli.checks import FLOAT32_MAX, check_float, check_seed
 from flatcli.optim import defaults as D
+from flatcli.training.algorithms import REGISTRY
 
-ALGOS = ("sgd", "esgd", "rsgd")
+ALGOS = tuple(REGISTRY)
+
 SCHEDULES = ("constant", "cosine", "step")
 # eSGD's outer step w ← w − η (w − μ) moves w to μ at η = 1; the inner Langevin rate η' plays SGD's part.
-DEFAULT_LR = {"sgd": 0.1, "esgd": D.ESGD_LR, "rsgd": D.RSGD_LR}
+DEFAULT_LR = {"sgd": 0.1, "esgd": D.ESGD_LR, "rsgd": D.RSGD_LR}  # others: 0.1
 
 
 @dataclass
@@ -54,14 +56,14 @@ class TrainConfig:
         def bad(name, value, fix):
             raise FlatcliError(f"{name}={value!r} is invalid", fix)
 
-        if self.algo not in ALGOS:
-            bad("algo", self.algo, f"use one of: {', '.join(ALGOS)}")
+        if self.algo not in REGISTRY:
+            bad("algo", self.algo, f"use one of: {', '.join(REGISTRY)}")
         if self.lr_schedule not in SCHEDULES:
             bad("lr_schedule", self.lr_schedule, f"use one of: {', '.join(SCHEDULES)}")
         check_loss(self.loss)
         check_seed("seed", self.seed)
         if self.lr is None:
-            self.lr = DEFAULT_LR[self.algo]
+            self.lr = DEFAULT_LR.get(self.algo, 0.1)
         for name in ("epochs", "batch_size", "langevin_steps", "coupling_every", "replicas") + \
                 (("steps",) if self.steps is not None else ()):
             value = getattr(self, name)

@@ -28,7 +28,7 @@ from flatcli.errors import FlatcliError
 from flatcli.io import RunLock, make_run_dir, remove_stray_temporaries, write_text_atomic
 from flatcli.losses import evaluate
 from flatcli.models import ModelSpec, build_model, check_fits
-from flatcli.training.algorithms import ALGORITHMS
+from flatcli.training.algorithms import algorithm_class
 from flatcli.training.batches import BatchStream, mix_seed, scheduled_lr
 from flatcli.training.config import TrainConfig
 
@@ -88,7 +88,7 @@ class Trainer:
             remove_stray_temporaries(self.out)
         self.train_split = data.train.to(device)
         self.test_split = data.test.to(device) if data.test is not None else None
-        algorithm = ALGORITHMS[cfg.algo]
+        algorithm = algorithm_class(cfg.algo)
         self.model_ids = algorithm.local_models(cfg, dist)
         # model a starts from its own seed, so the initialization does not depend on how ranks split them
         models = [build_model(model_spec, data.input_shape, data.num_outputs, seed=mix_seed(cfg.seed, 11, a))
@@ -129,7 +129,7 @@ class Trainer:
 
     @property
     def algorithm_data_parallel(self) -> bool:
-        return ALGORITHMS[self.cfg.algo].data_parallel
+        return self.algorithm.data_parallel
 
     @property
     def steps_per_epoch(self) -> int:
