@@ -24,6 +24,7 @@ WEIGHTS, REPLICAS, STATE, METRICS = "model.safetensors", "replicas.safetensors",
 META_KEY = "flatcli"
 NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 STRIP_PREFIXES = ("module.", "_orig_mod.")
+LIGHTNING_PREFIXES = ("model.", "net.")  # the LightningModule attribute that holds the network, by convention
 
 
 def save_weights(path, state_dict: dict, meta: dict | None = None) -> None:
@@ -52,7 +53,7 @@ def load_torch_state(path) -> dict:
                            "the file is damaged: start a fresh run") from None
 
 
-CODE_REGISTRIES = ("tv:",)  # model names with a colon that name a registry, not code to import
+CODE_REGISTRIES = ("tv:", "timm:", "hf:", "committee:")  # model names with a colon that name a registry, not code to import
 
 
 def is_code_model(name: str) -> bool:
@@ -104,7 +105,7 @@ def check_run_metadata(meta, source) -> dict:
 class RawCheckpoint:
     """What a checkpoint file holds, before a model is built: weights or a module, and metadata if any."""
     path: Path
-    kind: str                          # "run", "safetensors", "state-dict", "torchscript", "pickle"
+    kind: str                          # "run", "safetensors", "state-dict", "torchscript", "pickle", "hf"
     meta: dict | None = None           # flatcli metadata (self-describing checkpoints only)
     state_dict: dict | None = None
     module: torch.nn.Module | None = None
@@ -132,6 +133,7 @@ def read_safetensors(path: Path) -> tuple[dict, dict | None]:
 
 def unwrap_state_dict(obj, path: Path) -> dict:
     """A state dict, possibly nested under state_dict/model/model_state_dict, with DDP/compile prefixes stripped."""
+    lightning = isinstance(obj, dict) and "pytorch-lightning_version" in obj
     if isinstance(obj, dict):
         for key in NESTED_KEYS:
             if isinstance(obj.get(key), dict):
@@ -141,7 +143,7 @@ def unwrap_state_dict(obj, path: Path) -> dict:
     if not tensors:
         raise FlatcliError(f"{str(path)!r} holds no tensors of a state dict",
                            "save the weights with torch.save(model.state_dict(), PATH)")
-    for prefix in STRIP_PREFIXES:
+    for prefix in STRIP_PREFIXES + (LIGHTNING_PREFIXES if lightning else ()):
         if all(k.startswith(prefix) for k in tensors):
             tensors = {k[len(prefix):]: v for k, v in tensors.items()}
     return tensors
@@ -227,6 +229,10 @@ def read_checkpoint(path, trust_pickle: bool = False) -> RawCheckpoint:
     """Read any supported checkpoint without building a model. Never unpickles unless ``trust_pickle``."""
     path = check_regular_file(path, "checkpoint")
     if path.is_dir():
+        if (path / "config.json").is_file() and (path / WEIGHTS).is_file():
+            tensors, meta = read_safetensors(path / WEIGHTS)
+            if meta is None:  # a Hugging Face folder: its model is hf:FOLDER unless --model says otherwise
+                return RawCheckpoint(path, "hf", state_dict=tensors)
         if not (path / WEIGHTS).is_file():
             raise FlatcliError(f"{str(path)!r} is not a flatcli run folder (no {WEIGHTS})",
                                "pass a folder written by 'flatcli train --out' or a weights file")

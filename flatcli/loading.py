@@ -49,6 +49,8 @@ def load_checkpoint(path, *, model_spec: ModelSpec | None = None, data_spec: Dat
     """
     raw = read_checkpoint(path, trust_pickle=trust_pickle)
     meta, download = raw.meta, True
+    if raw.kind == "hf" and model_spec is None:
+        model_spec = ModelSpec(f"hf:{raw.path}")
     if meta is not None:
         check_run_metadata(meta, path)
         model_spec = model_spec_from_metadata(meta, model_spec.name if model_spec else None, path)

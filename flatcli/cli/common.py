@@ -148,7 +148,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, 
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random draw; the same seed gives the same result.")]
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", help="Architecture: linear, mlp, lenet, convnet, resnet20, resnet110, resnet18, tv:NAME "
-                    "(any torchvision model) or module:function (your own factory).")]
+                    "(any torchvision model), timm:NAME (timm extra), hf:FOLDER (a local Hugging Face image classifier; hf extra) "
+                    "or module:function (your own factory).")]
 WidthOpt = Annotated[int, typer.Option("--width", min=1, help="Hidden width of the mlp.")]
 DepthOpt = Annotated[int, typer.Option("--depth", min=1, help="Hidden layers of the mlp.")]
 DataOpt = Annotated[Optional[str], typer.Option(

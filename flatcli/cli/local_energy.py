@@ -36,6 +36,7 @@ def local_energy(
     bn_batches: Annotated[int, typer.Option(min=1, help="With --bn recompute: training batches (of --batch-size) to re-estimate the statistics on.")] = 4,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass.")] = 1000,
     loss: Annotated[Optional[Loss], typer.Option(help="Loss to report next to the error (default: the checkpoint's loss).", show_default=False)] = None,
+    amp: Annotated[bool, typer.Option("--amp", help="Run the forward passes in bfloat16 autocast (CUDA, CPU): faster on a GPU; δε moves by about 1e-3 (see the README).")] = False,
 ):
     """Local energy δε(σ): how much the error (and loss) rises when the weights are perturbed by noise of size σ.
 
@@ -45,23 +46,23 @@ def local_energy(
     """
     from flatcli.measure.local_energy import parse_sigmas
     pipeline.run(EnergyMeasurement(parse_sigmas(sigmas), samples, noise.value, bn.value, bn_batches, batch_size,
-                                   loss.value if loss else None, common.seed, common.split.value), common)
+                                   loss.value if loss else None, common.seed, common.split.value, amp), common)
 
 
 class EnergyMeasurement:
     """local-energy for the pipeline: one estimator call per checkpoint, one row per σ."""
     name, description, columns = "local-energy", "local energy", COLUMNS
 
-    def __init__(self, sigmas, samples, noise, bn, bn_batches, batch_size, loss, seed, split):
+    def __init__(self, sigmas, samples, noise, bn, bn_batches, batch_size, loss, seed, split, amp=False):
         from flatcli.measure.local_energy import EnergySettings
         self.loss, self.split = loss, split  # loss None: each checkpoint's own
         self.base = EnergySettings(tuple(sigmas), samples, noise, bn, bn_batches, loss or "cross-entropy",
-                                   batch_size, seed)  # validated here, before any work
+                                   batch_size, seed, amp=amp)  # validated here, before any work
         self.bn_examples = bn_batches * batch_size if bn == "recompute" else None
 
     def settings(self, examples):
         s = self.base.to_dict()
-        return {k: s[k] for k in ("sigmas", "samples", "noise", "bn", "bn_batches", "batch_size")}
+        return {k: s[k] for k in ("sigmas", "samples", "noise", "bn", "bn_batches", "batch_size", "amp")}
 
     def measure(self, x, callback):
         from dataclasses import replace

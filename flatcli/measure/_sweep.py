@@ -63,7 +63,7 @@ def draw_sums(forward, batches, loss: str, device: torch.device) -> tuple[torch.
     """
     losses, errors, n = [], [], 0
     for x, y in batches:
-        out = forward(x)  # (K, B, C)
+        out = forward(x).float()  # (K, B, C); float32 even under bfloat16 autocast
         k, b = out.shape[:2]
         if k == 1:  # the common case, with no extra work per batch
             l, e = batch_sums(out[0], y, loss)  # 0-d, 0-d
@@ -101,3 +101,4 @@ def vmap_works(model: nn.Module, source: DataSource) -> bool:
         return out.dim() >= 2 and out.shape[0] == 2
     except Exception:  # any failure inside vmap means: run one draw at a time
         return False
+

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from flatcli import parallel
+from flatcli.devices import autocast
 from flatcli.errors import FlatcliError
 from flatcli.choices import check_loss
 from flatcli.measure import _perturb
@@ -47,6 +48,7 @@ class EnergySettings:
     seed: int = 0
     vectorize: bool | str = "auto"
     draws_per_forward: int = 8
+    amp: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "sigmas", tuple(check_sigmas(self.sigmas)))
@@ -58,6 +60,8 @@ class EnergySettings:
         check_seed("seed", self.seed)
         if self.vectorize not in (True, False, "auto"):
             raise FlatcliError(f"vectorize={self.vectorize!r} is not True, False or 'auto'", "use vectorize='auto'")
+        if not isinstance(self.amp, bool):
+            raise FlatcliError(f"amp={self.amp!r} is not True or False", "use amp=True or amp=False")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -145,7 +149,7 @@ def _base_seed(seed: int | torch.Generator) -> int:
 def local_energy(model: nn.Module, data, sigmas, *, samples: int = 50, noise: str = "multiplicative",
                  bn: str = "eval", loss: str = "cross-entropy", batch_size: int = 1000,
                  seed: int | torch.Generator = 0, bn_data=None, bn_batches: int = 4, callback=None,
-                 vectorize: bool | str = "auto", draws_per_forward: int = 8) -> LocalEnergy:
+                 vectorize: bool | str = "auto", draws_per_forward: int = 8, amp: bool = False) -> LocalEnergy:
     """Estimate δε(w, σ) and δL(w, σ) of ``model`` on ``data`` for each σ in ``sigmas`` (MATH.md §1).
 
     data: an (x, y) tensor pair (moved to the model's device once, cut into ``batch_size`` slices) or an iterable
@@ -157,9 +161,10 @@ def local_energy(model: nn.Module, data, sigmas, *, samples: int = 50, noise: st
     callback(increment, total) is called after each forward pass over the data, total = samples × (σ > 0)
     (this process's share of the draws under a team). The model's parameters, buffers and train/eval modes are
     restored exactly on return. Memory: one copy of the parameters plus the noise (K copies when vectorized).
+    amp: run every forward pass (the reference's too) under bfloat16 autocast; losses are summed in float32/64.
     """
     settings = EnergySettings(tuple(sigmas), samples, noise, bn, bn_batches, loss, batch_size, _base_seed(seed),
-                              vectorize, draws_per_forward)
+                              vectorize, draws_per_forward, amp)
     return measure(model, data, settings, bn_data=bn_data, callback=callback)
 
 
@@ -176,6 +181,8 @@ def measure(model: nn.Module, data, settings: EnergySettings, *, bn_data=None, c
     state, pert = _perturb.ModelState(model), _perturb.Perturbation(model)
     bns = _perturb.batchnorms(model) if s.bn == "recompute" else []
     bn_x = batch_list(source if bn_data is None else bn_data, s.batch_size, device, s.bn_batches) if bns else []
+    amp = autocast(device, s.amp)  # every forward pass, the references' too, in bfloat16 when asked
+    amp.__enter__()
     try:
         model.eval()
         stored, n = draw_sums(lambda x: model(x).unsqueeze(0), source, s.loss, device)  # (1, 2), int
@@ -191,6 +198,7 @@ def measure(model: nn.Module, data, settings: EnergySettings, *, bn_data=None, c
                       nets, callback)  # one (S, 2) tensor per draw of this process
         sums = torch.stack(team.gather_units(mine, s.samples)) if s.samples else None
     finally:
+        amp.__exit__(None, None, None)
         pert.restore()
         state.restore()
     return _summarize(s, sums, base[0], stored[0], n, vectorized)
