@@ -1,4 +1,5 @@
 """Turn any checkpoint into (model, data) ready to measure: the loader shared by info and the measurements."""
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +27,7 @@ class DataCache:
     loaded: dict = field(default_factory=dict)
 
     def get(self, spec: DataSpec, download: bool = True) -> Data:
-        key = repr(sorted(spec.to_dict().items()))
+        key = repr((sorted(spec.to_dict().items()), spec.in_memory, spec.workers))
         if key not in self.loaded:
             self.loaded[key] = load_data(spec, download=download)
         return self.loaded[key]
@@ -38,7 +39,7 @@ def default_loss(data: Data) -> str:
 
 def load_checkpoint(path, *, model_spec: ModelSpec | None = None, data_spec: DataSpec | None = None,
                     loss: str | None = None, trust_pickle: bool = False, replica=None,
-                    cache: DataCache | None = None) -> Loaded:
+                    cache: DataCache | None = None, reading: dict | None = None) -> Loaded:
     """Any supported checkpoint → a model with its weights and the data to measure it on.
 
     A flatcli run describes itself (its model and data; ``data_spec`` may still override the data, and a
@@ -55,7 +56,8 @@ def load_checkpoint(path, *, model_spec: ModelSpec | None = None, data_spec: Dat
         check_run_metadata(meta, path)
         model_spec = model_spec_from_metadata(meta, model_spec.name if model_spec else None, path)
         download = data_spec is not None  # the user named the data: a missing torchvision set may be fetched
-        data_spec = data_spec or DataSpec.from_dict(meta["data"])
+        # how to read (in memory or not, workers) is the user's to choose; what the data are is the run's
+        data_spec = data_spec or dataclasses.replace(DataSpec.from_dict(meta["data"]), **(reading or {}))
         loss = loss or meta.get("loss")
     elif data_spec is None or (raw.module is None and model_spec is None):
         missing = [f"--{k}" for k, v in (("model", model_spec), ("data", data_spec)) if v is None

@@ -34,7 +34,7 @@ def test_spec_to_dict_is_json_and_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     d = DataSpec("imagefolder:imgs", data_dir="sets", seed=3, n_train=10).to_dict()
     assert d == {"name": f"imagefolder:{tmp_path / 'imgs'}", "data_dir": str(tmp_path / "sets"), "seed": 3,
-                 "n_train": 10, "n_test": None}
+                 "n_train": 10, "n_test": None, "resize": None, "crop": None, "normalize": "data"}
     assert DataSpec.from_dict(json.loads(json.dumps(d))) == DataSpec(**d)
     assert DataSpec("set.npz").to_dict()["name"] == str(tmp_path / "set.npz")
     assert DataSpec("cifar10").to_dict()["name"] == "cifar10"

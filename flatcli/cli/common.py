@@ -155,7 +155,30 @@ DepthOpt = Annotated[int, typer.Option("--depth", min=1, help="Hidden layers of 
 DataOpt = Annotated[Optional[str], typer.Option(
     "--data", help="teacher (synthetic, embedded), mnist, fashion-mnist, cifar10, cifar100, imagefolder:PATH, "
                    "or a tensors file (.npz, .safetensors, .pt with x, y[, x_test, y_test]).")]
+class InMemory(str, enum.Enum):
+    auto = "auto"
+    yes = "yes"
+    no = "no"
+
+
+class Normalize(str, enum.Enum):
+    data = "data"
+    imagenet = "imagenet"
+    none = "none"
+
+
 DataDirOpt = Annotated[Path, typer.Option("--data-dir", help="Where torchvision data sets are stored or downloaded.")]
+InMemoryOpt = Annotated[InMemory, typer.Option(
+    "--in-memory", help="Image folders: yes reads every image up front (fastest), no reads images when used "
+                        "(for sets larger than memory; with --max-examples only those are read), auto decides by size.")]
+ResizeOpt = Annotated[Optional[int], typer.Option(
+    "--resize", min=1, show_default=False, help="Image folders: resize the shorter side to this many pixels (bilinear).")]
+CropOpt = Annotated[Optional[int], typer.Option(
+    "--crop", min=1, show_default=False, help="Image folders: then a centre crop of this size (e.g. --resize 256 --crop 224).")]
+NormalizeOpt = Annotated[Normalize, typer.Option(
+    "--normalize", help="Image folders: data (the training images' mean/std), imagenet, or none (pixels / 255).")]
+WorkersOpt = Annotated[int, typer.Option(
+    "--workers", min=0, help="Image folders read when used: DataLoader worker processes (0: this process).")]
 TrustPickleOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow loading a whole pickled model. Unpickling runs code from the file: only for files you trust.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(

@@ -10,5 +10,6 @@ def model_spec_of(model: Optional[str], width: int, depth: int) -> Optional[Mode
     return ModelSpec(name=model, width=width, depth=depth) if model else None
 
 
-def data_spec_of(data: Optional[str], data_dir: Path, data_seed: int = 0) -> Optional[DataSpec]:
-    return DataSpec(name=data, data_dir=str(data_dir), seed=data_seed) if data else None
+def data_spec_of(data: Optional[str], data_dir: Path, data_seed: int = 0, **image_options) -> Optional[DataSpec]:
+    """The DataSpec of --data (None without it); ``image_options``: resize, crop, normalize, in_memory, workers."""
+    return DataSpec(name=data, data_dir=str(data_dir), seed=data_seed, **image_options) if data else None

@@ -22,9 +22,10 @@ from typing import Annotated, Optional, Protocol, Sequence
 import typer
 
 import flatcli
-from flatcli.cli.common import (DataDirOpt, DataOpt, DepthOpt, DeviceOpt, ModelOpt, ReplicaOpt, SeedOpt,
-                                ThreadsOpt, TrustPickleOpt, WidthOpt, check_output_target, parse_replica, start,
-                                to_json, write_output)
+from flatcli.cli.common import (CropOpt, DataDirOpt, DataOpt, DepthOpt, DeviceOpt, InMemory, InMemoryOpt, ModelOpt,
+                                Normalize, NormalizeOpt, ReplicaOpt, ResizeOpt, SeedOpt, ThreadsOpt, TrustPickleOpt,
+                                WidthOpt, WorkersOpt, check_output_target, parse_replica, start, to_json,
+                                write_output)
 from flatcli.errors import FlatcliError
 
 
@@ -62,6 +63,11 @@ class Common:
     data: Optional[str] = None
     data_dir: Path = Path("data")
     trust_pickle: bool = False
+    in_memory: InMemory = InMemory.auto
+    resize: Optional[int] = None
+    crop: Optional[int] = None
+    normalize: Normalize = Normalize.data
+    workers: int = 0
     replica: str = "center"
     csv_out: Optional[str] = None
     json_out: Optional[str] = None
@@ -70,7 +76,8 @@ class Common:
 _COMMON_TYPES = {"checkpoints": CheckpointsArg, "split": SplitOpt, "max_examples": MaxExamplesOpt,
                  "seed": SeedOpt, "device": DeviceOpt, "threads": ThreadsOpt, "model": ModelOpt,
                  "width": WidthOpt, "depth": DepthOpt, "data": DataOpt, "data_dir": DataDirOpt,
-                 "trust_pickle": TrustPickleOpt, "replica": ReplicaOpt, "csv_out": CsvOpt, "json_out": JsonOpt}
+                 "trust_pickle": TrustPickleOpt, "in_memory": InMemoryOpt, "resize": ResizeOpt, "crop": CropOpt,
+                 "normalize": NormalizeOpt, "workers": WorkersOpt, "replica": ReplicaOpt, "csv_out": CsvOpt, "json_out": JsonOpt}
 
 
 def _param(name: str, annotation, default=inspect.Parameter.empty) -> inspect.Parameter:
@@ -176,10 +183,12 @@ def load_checkpoints(common: Common) -> list:
     from flatcli.loading import DataCache, load_checkpoint
 
     cache, replica = DataCache(), parse_replica(common.replica)
+    images = {"resize": common.resize, "crop": common.crop, "normalize": common.normalize.value}
+    reading = {"in_memory": common.in_memory.value, "workers": common.workers}
     model_spec, data_spec = model_spec_of(common.model, common.width, common.depth), \
-        data_spec_of(common.data, common.data_dir)
+        data_spec_of(common.data, common.data_dir, **images, **reading)
     return [load_checkpoint(p, model_spec=model_spec, data_spec=data_spec, trust_pickle=common.trust_pickle,
-                            replica=replica, cache=cache) for p in common.checkpoints]
+                            replica=replica, cache=cache, reading=reading) for p in common.checkpoints]
 
 
 @dataclass

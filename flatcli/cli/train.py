@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from flatcli.cli.common import DataDirOpt, DepthOpt, DeviceOpt, Loss, SeedOpt, ThreadsOpt, WidthOpt, start
+from flatcli.cli.common import (CropOpt, DataDirOpt, DepthOpt, DeviceOpt, InMemory, InMemoryOpt, Loss, Normalize,
+                                NormalizeOpt, ResizeOpt, SeedOpt, ThreadsOpt, WidthOpt, WorkersOpt, start)
 from flatcli.errors import FlatcliError
 from flatcli.optim import defaults as OD
 from flatcli.training.config import ALGOS, SCHEDULES, TrainConfig
@@ -65,6 +66,11 @@ def train(
     n_train: Annotated[Optional[int], typer.Option(min=1, help="Training examples (teacher size, or a cap).", show_default=False, rich_help_panel=DATA)] = None,
     n_test: Annotated[Optional[int], typer.Option(min=1, help="Test examples (teacher size, or a cap).", show_default=False, rich_help_panel=DATA)] = None,
     augment: Annotated[bool, typer.Option(help="Random crop + flip on image data.", rich_help_panel=DATA)] = D.augment,
+    in_memory: Annotated[InMemory, typer.Option("--in-memory", rich_help_panel=DATA, help=InMemoryOpt.__metadata__[0].help)] = InMemory.auto,
+    resize: Annotated[Optional[int], typer.Option(min=1, show_default=False, rich_help_panel=DATA, help=ResizeOpt.__metadata__[0].help)] = None,
+    crop: Annotated[Optional[int], typer.Option(min=1, show_default=False, rich_help_panel=DATA, help=CropOpt.__metadata__[0].help)] = None,
+    normalize: Annotated[Normalize, typer.Option(rich_help_panel=DATA, help=NormalizeOpt.__metadata__[0].help)] = Normalize.data,
+    workers: Annotated[int, typer.Option(min=0, rich_help_panel=DATA, help=WorkersOpt.__metadata__[0].help)] = 0,
     loss: Annotated[Optional[Loss], typer.Option(show_default="cross-entropy, mse for float targets", help="Training loss.")] = None,
     amp: Annotated[bool, typer.Option(help="bf16 autocast where the device supports it.")] = D.amp,
     seed: SeedOpt = D.seed,
@@ -100,8 +106,10 @@ def train(
                               noise=noise if noise is not None else langevin_noise, alpha=alpha,
                               gamma=gamma, gamma_growth=gamma_growth, replicas=replicas, coupling_every=coupling_every)
             cfg.validate()
+            images = {"resize": resize, "crop": crop, "normalize": normalize.value, "in_memory": in_memory.value,
+                      "workers": workers}
             trainer = new_trainer(cfg, model, width, depth, data, data_dir, data_seed, n_train, n_test, loss, out,
-                                  init, save_every, dist, dev, console)
+                                  init, save_every, dist, dev, console, images)
             console.print(f"training {trainer.model_spec.name} on {trainer.data.spec.name} with {cfg.algo} on "
                           f"{dev}{ranks}: {len(trainer.data.train)} examples, batch {cfg.batch_size}, "
                           f"{trainer.total_steps} steps → {trainer.out}")
@@ -131,7 +139,7 @@ def _interrupted_before_training(stop: dict) -> None:
 
 
 def new_trainer(cfg, model, width, depth, data, data_dir, data_seed, n_train, n_test, loss, out, init, save_every,
-                dist, dev, console):
+                dist, dev, console, images=None):
     """A fresh run: the model (from --model, or the --init checkpoint's metadata), the data, the folder."""
     from flatcli import distributed
     from flatcli.checkpoint import model_spec_from_metadata, read_checkpoint
@@ -145,7 +153,7 @@ def new_trainer(cfg, model, width, depth, data, data_dir, data_seed, n_train, n_
     else:
         model_spec = ModelSpec(name=model or "mlp", width=width, depth=depth)
     data_obj = load_data(DataSpec(name=data or "teacher", data_dir=str(data_dir), seed=data_seed,
-                                  n_train=n_train, n_test=n_test))
+                                  n_train=n_train, n_test=n_test, **(images or {})))
     if loss is None and data_obj.num_classes is None:
         cfg.loss = "mse"
     out = Path(out) if out else default_out(data or "teacher", model_spec.name, cfg.algo)

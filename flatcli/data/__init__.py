@@ -33,7 +33,7 @@ def load_data(spec: DataSpec, *, download: bool = True) -> Data:
     if name in TORCHVISION_SETS:
         train, test, classes = torchvision_splits(name, absolute(spec.data_dir), download)
     elif name.startswith(IMAGEFOLDER_PREFIX):
-        train, test, classes = imagefolder_splits(os.path.expanduser(name[len(IMAGEFOLDER_PREFIX):]))
+        train, test, classes = imagefolder_splits(os.path.expanduser(name[len(IMAGEFOLDER_PREFIX):]), spec)
     elif name.lower().endswith(TENSOR_SUFFIXES):
         train, test, classes = tensor_file_splits(os.path.expanduser(name))
     else:

@@ -5,7 +5,7 @@ normalized per batch: ``x̂ = (x / 255 − mean_c) / std_c`` with ``mean_c, std_
 Feature sets (the teacher, float tensor files) are float32 and used as they are.
 """
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -14,6 +14,7 @@ from flatcli.errors import FlatcliError
 
 DATA_NAMES = ("teacher", "mnist", "fashion-mnist", "cifar10", "cifar100")
 IMAGEFOLDER_PREFIX = "imagefolder:"
+READING = ("in_memory", "workers")  # DataSpec fields that say how to read the data, not which data
 TENSOR_SUFFIXES = (".npz", ".safetensors", ".pt", ".pth")
 
 
@@ -35,6 +36,12 @@ class DataSpec:
     seed: int = 0
     n_train: int | None = None
     n_test: int | None = None
+    # image folders only (see flatcli.data.stream): the evaluation transform, the normalization, and how to read
+    resize: int | None = None       # shorter side resized to this many pixels (bilinear)
+    crop: int | None = None         # then a centre crop of crop x crop
+    normalize: str = "data"         # data (mean/std of the training images) | imagenet | none (x / 255)
+    in_memory: str = "auto"         # yes: read every image up front; no: read images when used; auto: by size
+    workers: int = 0                # DataLoader processes when streaming
 
     def resolved(self) -> "DataSpec":
         """The same spec with every path absolute, so that it still points at its data from elsewhere."""
@@ -43,11 +50,12 @@ class DataSpec:
             name = IMAGEFOLDER_PREFIX + absolute(name[len(IMAGEFOLDER_PREFIX):])
         elif name not in DATA_NAMES and name.lower().endswith(TENSOR_SUFFIXES):
             name = absolute(name)
-        return DataSpec(name, absolute(self.data_dir), self.seed, self.n_train, self.n_test)
+        return replace(self, name=name, data_dir=absolute(self.data_dir))
 
     def to_dict(self) -> dict:
-        """JSON-safe ``{"name", "data_dir", "seed", "n_train", "n_test"}`` with absolute paths."""
-        return asdict(self.resolved())
+        """JSON-safe ``{"name", "data_dir", "seed", "n_train", "n_test", "resize", "crop", "normalize"}`` with
+        absolute paths: what the data are. How they are read (``in_memory``, ``workers``) is left out."""
+        return {k: v for k, v in asdict(self.resolved()).items() if k not in READING}
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataSpec":
@@ -71,6 +79,8 @@ def check_spec(spec: DataSpec) -> DataSpec:
         n = getattr(spec, key)
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise FlatcliError(f"{key} must be a positive integer or unset, got {n!r}", "pass e.g. 1000, or omit it")
+    from flatcli.data.stream import check_stream_options
+    check_stream_options(spec.in_memory, spec.resize, spec.crop, spec.normalize, spec.workers)
     return spec
 
 
@@ -87,6 +97,10 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.x)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
 
     def to(self, device) -> "Split":
         move = (lambda t: None if t is None else t.to(device))
@@ -161,7 +175,7 @@ def make_data(spec: DataSpec, train: Split, test: Split | None, num_classes: int
         train = train.subset(spec.n_train, torch.Generator().manual_seed(spec.seed))
     if test is not None and spec.n_test is not None:
         test = test.subset(spec.n_test, torch.Generator().manual_seed(spec.seed))
-    input_shape = tuple(train.x.shape[1:])
+    input_shape = tuple(train.input_shape)
     if num_classes is not None:
         num_outputs = num_classes
     else:

@@ -82,13 +82,17 @@ def images_nchw(data) -> Tensor:
     return x.permute(0, 3, 1, 2).contiguous()
 
 
-def imagefolder_splits(path: str) -> tuple[Split, Split, int]:
+def imagefolder_splits(path: str, spec=None) -> tuple:
     """(train, test, num_classes) of an ImageFolder tree ``path/train/CLASS/*`` and ``path/val/CLASS/*``.
 
-    ``path/test`` stands in for a missing ``path/val``. Every image is read as RGB and resized (bilinear)
-    to the size of the first training image (first class, first file in sorted order) when it differs.
-    mean/std come from the training images.
+    ``path/test`` stands in for a missing ``path/val``. Every image is read as RGB and transformed by
+    ``spec.resize``/``spec.crop`` (see ``flatcli.data.stream``; with neither, resized (bilinear) to the size of
+    the first training image, first class, first file in sorted order). ``spec.in_memory`` "yes" reads every
+    image into a uint8 ``Split``; "no" gives a ``StreamedSplit`` that reads images when used; "auto" streams
+    when the images would take more than a quarter of the available memory. mean/std: ``spec.normalize``
+    (the training images' own — on the streamed path from a seeded sample of 1000 of them —, ImageNet's, or none).
     """
+    from flatcli.data import stream
     if not os.path.isdir(path):
         raise FlatcliError(f"image folder {path!r} does not exist", "give the directory that holds train/ and val/")
     held = [d for d in ("val", "test") if os.path.isdir(os.path.join(path, d))]
@@ -103,11 +107,25 @@ def imagefolder_splits(path: str) -> tuple[Split, Split, int]:
                            f"only in {held[0]}: {only_test})",
                            f"give {held[0]}/ one subfolder per class, named as in train/ (Tiny ImageNet's val/ "
                            "needs sorting into class folders by val_annotations.txt)")
-    size = load_image(train_set, train_set.samples[0][0]).size
-    train_x, test_x = read_images(train_set, size), read_images(test_set, size)
-    mean, std = channel_stats(train_x)
-    train = Split(train_x, torch.tensor(train_set.targets, dtype=torch.int64), mean, std)
-    test = Split(test_x, torch.tensor(test_set.targets, dtype=torch.int64), mean, std)
+    resize, crop, normalize = (spec.resize, spec.crop, spec.normalize) if spec else (None, None, "data")
+    in_memory, workers, seed = (spec.in_memory, spec.workers, spec.seed) if spec else ("auto", 0, 0)
+    first = load_image(train_set, train_set.samples[0][0])
+    transform = stream.transform_of(resize, crop, first.size)
+    w, h = transform(first).size
+    shape = (3, h, w)
+    streamed = in_memory == "no" or (in_memory == "auto" and not stream.fits_in_memory(
+        stream.folder_bytes(len(train_set) + len(test_set), shape)))
+    labels = [torch.tensor(ds.targets, dtype=torch.int64) for ds in (train_set, test_set)]
+    if streamed:
+        train, test = (stream.StreamedSplit([f for f, _ in ds.samples], y, ds.loader, transform, shape, None, None,
+                                            workers) for ds, y in zip((train_set, test_set), labels))
+        mean, std = stream.stats(train, normalize, seed)
+    else:
+        train_x, test_x = read_images(train_set, transform, shape), read_images(test_set, transform, shape)
+        mean, std = channel_stats(train_x) if normalize == "data" else stream.stats(None, normalize, seed)
+        train, test = Split(train_x, labels[0]), Split(test_x, labels[1])
+    for split in (train, test):
+        split.mean, split.std = mean, std
     return train, test, len(train_set.classes)
 
 
@@ -121,15 +139,16 @@ def open_folder(root: str):
                            "put images (png, jpg, ...) in one subfolder per class") from None
 
 
-def read_images(ds, size: tuple[int, int]) -> Tensor:
-    """All images of the ImageFolder ``ds`` as uint8 (n, 3, H, W), resized to ``size`` = (W, H) where they differ."""
+def read_images(ds, transform, shape: tuple[int, int, int]) -> Tensor:
+    """All images of the ImageFolder ``ds`` as uint8 (n, *shape), each through ``transform`` (PIL → PIL)."""
     from torchvision.transforms.functional import pil_to_tensor
-    x = torch.empty((len(ds), 3, size[1], size[0]), dtype=torch.uint8)
+    x = torch.empty((len(ds), *shape), dtype=torch.uint8)
     for i, (file, _) in enumerate(ds.samples):
-        img = load_image(ds, file)
-        if img.size != size:
-            img = img.resize(size, Image.BILINEAR)
-        x[i] = pil_to_tensor(img)
+        img = pil_to_tensor(transform(load_image(ds, file)))
+        if tuple(img.shape) != tuple(shape):
+            raise FlatcliError(f"image {file!r} is {tuple(img.shape[1:])} after the transform, not {tuple(shape[1:])}",
+                               "give --crop so that every image ends the same size")
+        x[i] = img
     return x
 
 
