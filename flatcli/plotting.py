@@ -45,7 +45,8 @@ class Panel:
     xlabel: Optional[str] = None
     where: Optional[tuple[str, str]] = None
     title: str = ""
-    logx: bool = False
+    logx: bool = False  # the default of --logx for this panel
+    integer_x: bool = False  # x is a rank: integer ticks
 
 
 @dataclass(frozen=True)
@@ -97,12 +98,12 @@ KINDS = (
          flag_text="×: ⟨L(w′)⟩ < L(w), not at a minimum"),
     Kind("hessian", frozenset({"quantity", "index", "value", "sem"}), "index", "index",
          (Panel("value", "eigenvalue", "sem", where=("quantity", "eigenvalue"), xlabel="rank (1 = largest)",
-                title="top eigenvalues"),
+                title="top eigenvalues", integer_x=True),
           Panel("value", "eigenvalue", "sem", where=("quantity", "bottom_eigenvalue"),
-                xlabel="rank (1 = most negative)", title="bottom eigenvalues"),
+                xlabel="rank (1 = most negative)", title="bottom eigenvalues", integer_x=True),
           Panel("value", "trace", "sem", x=CATEGORICAL, where=("quantity", "trace"), title="trace"),
           Panel("value", "spectral density", x="at", xlabel="eigenvalue", where=("quantity", "density"),
-                title="density")),
+                title="density", logx=True)),
          "Hessian of the loss", "± 1 standard error (trace: over the probes)",
          ("probes", "split", "examples", "loss_function", "seed")),
     Kind("sharpness", frozenset({"kind", "norm", "adaptive", "rho", "m", "sharpness", "sem"}), "rho", "ρ (radius)",
@@ -376,6 +377,9 @@ def _decorate(ax, kind: Kind, panel: Panel, mine: list, logx: Optional[bool], lo
         ax.set_xlim(-0.6, len(mine) - 0.4)
     else:
         ax.set_xlabel(panel.xlabel or kind.xlabel)
+        if panel.integer_x:
+            from matplotlib.ticker import MaxNLocator
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if panel.logx if logx is None else logx:
             _log_scale(ax.set_xscale, [x for c in mine for x in c.x])
     if logy:
