@@ -271,7 +271,12 @@ def _display_names(keys: list, labels: dict) -> dict:
     if unknown:
         raise FlatcliError(f"labels={unknown[0]!r} names no curve (curves: {_clip(', '.join(names.values()))})",
                            "use a name from the legend or from the CSV's checkpoint column")
-    return {k: labels.get(k, labels.get(shown, shown)) for k, shown in names.items()}
+    renamed = {k: labels.get(k, labels.get(shown, shown)) for k, shown in names.items()}
+    twice = [n for n in dict.fromkeys(renamed.values()) if list(renamed.values()).count(n) > 1]
+    if twice:
+        raise FlatcliError(f"two curves would both be named {twice[0]!r}",
+                           "give each its own name; to average curves into one, use group_by=COLUMN|REGEX")
+    return renamed
 
 
 def _curve(table: MeasurementCsv, panel: Panel, name: str, rows: list, run_of: dict, grouped: bool) -> Curve:
@@ -284,7 +289,7 @@ def _curve(table: MeasurementCsv, panel: Panel, name: str, rows: list, run_of: d
     runs = len({run_of[id(r)] for r in rows})
     for x in xs:
         here = by_x[x]
-        _check_one_row_per_run(table, here, run_of, xcol, x, name, grouped)
+        _check_one_row_per_run(table, here, run_of, xcol, x, name)
         values = [_parse(table, r, panel.y) for r in here]
         ys.append(statistics.fmean(values))
         errs.append(_spread(table, panel, here, values, grouped))
@@ -299,12 +304,12 @@ def _spread(table: MeasurementCsv, panel: Panel, rows: list, values: list, group
     return _parse(table, rows[0], panel.err) if panel.err else math.nan
 
 
-def _check_one_row_per_run(table, rows, run_of, xcol, x, name, grouped) -> None:
+def _check_one_row_per_run(table, rows, run_of, xcol, x, name) -> None:
     runs = [run_of[id(r)] for r in rows]
     if len(set(runs)) < len(runs):
         where = f"{xcol}={x:g}" if xcol != CATEGORICAL else "once"
         raise FlatcliError(f"CSV {table.source!r} has two rows for {name!r} at {where} with the same settings",
-                           "remove the repeated rows, or average them with --group-by checkpoint")
+                           "remove the repeated rows, or average them with group_by='checkpoint'")
 
 
 def _parse(table: MeasurementCsv, row: dict, column: str) -> float:
@@ -420,19 +425,22 @@ def _width(panels: int) -> float:
 
 # -- writing --------------------------------------------------------------------------------------------
 
-def check_output(path) -> str:
-    """The format of ``path`` from its suffix (png, pdf or svg), its folder writable; checked before any work."""
-    suffix = Path(path).suffix.lower().lstrip(".")
+def check_output(out) -> str:
+    """The format of ``out`` from its suffix (png, pdf or svg), its folder writable; checked before any work."""
+    suffix = Path(out).suffix.lower().lstrip(".")
     if suffix not in FORMATS:
-        raise FlatcliError(f"out={str(path)!r} has {'the suffix .' + suffix if suffix else 'no suffix'}",
+        raise FlatcliError(f"out={str(out)!r} has {'the suffix .' + suffix if suffix else 'no suffix'}",
                            "name a .png, .pdf or .svg file")
-    check_writable_dir(Path(path).parent, what=str(path))
+    check_writable_dir(Path(out).parent, what=str(out))
     return suffix
 
 
-def save(fig, path) -> None:
-    """Write the figure atomically: a failure leaves no file (and any previous one untouched)."""
-    fmt = check_output(path)
+def save(fig, out) -> None:
+    """Write the figure to ``out`` atomically: a failure leaves no file (and any previous one untouched).
+
+    No timestamps in the file, so the same CSV gives the same bytes.
+    """
+    fmt = check_output(out)
     metadata = {"png": {"Software": None}, "pdf": {"CreationDate": None}, "svg": {"Date": None}}[fmt]
-    with atomic_path(path) as tmp:
+    with atomic_path(out) as tmp:
         fig.savefig(tmp, format=fmt, dpi=150, metadata=metadata)

@@ -13,6 +13,7 @@ import pytest
 
 from clitools import assert_user_error, invoke
 from flatcli import plotting
+from flatcli.errors import FlatcliError
 from flatcli.cli.plot import parse_labels
 
 pytest.importorskip("matplotlib")
@@ -248,7 +249,9 @@ def test_plot_imports_no_torch_and_its_help_no_matplotlib(energy_csv, tmp_path):
     (energy_rows([("a", 0, 0, 0, 0, 0)]), ["--group-by", "-seed[0-9]+$"], ["--group-by", "matches no curve"]),
     (energy_rows([("a", 0, 0, 0, 0, 0)]), ["--group-by", "(seed"], ["--group-by", "valid regex"]),
     (energy_rows([("a", 0, 0, 0, 0, 0)]), ["--group-by", "delta_error"], ["--group-by", "measured column"]),
-    (energy_rows([("a", 0, 0, 0, 0, 0)] * 2), [], ["two rows for 'a' at sigma=0", "--group-by checkpoint"]),
+    (energy_rows([("a", 0, 0, 0, 0, 0)] * 2), [], ["two rows for 'a' at sigma=0", "--group-by 'checkpoint'"]),
+    (energy_rows([("a", 0, 0, 0, 0, 0), ("b", 0, 0, 0, 0, 0)]), ["--label", "a=X", "--label", "b=X"],
+     ["both be named 'X'", "--group-by COLUMN|REGEX"]),
 ])
 def test_a_bad_csv_or_option_is_one_line_and_writes_nothing(tmp_path, text, args, fragments):
     (tmp_path / "in.csv").write_text(text)
@@ -271,6 +274,14 @@ def test_a_missing_csv_or_a_folder_is_one_line(tmp_path):
     assert_user_error(invoke("plot", tmp_path / "nope.csv", "-o", tmp_path / "a.png"), "does not exist")
     assert_user_error(invoke("plot", tmp_path, "-o", tmp_path / "a.png"), "is a folder")
     no_output(tmp_path)
+
+
+def test_a_terminal_on_stdin_is_refused_rather_than_waited_on():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    with pytest.raises(FlatcliError, match="nothing is piped into stdin"):
+        plotting.read_csv(Terminal(ENERGY))
 
 
 def test_without_matplotlib_the_error_names_the_extra(energy_csv, tmp_path, monkeypatch):
