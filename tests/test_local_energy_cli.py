@@ -265,24 +265,6 @@ def test_replicas_of_an_rsgd_run(runs):
                                                                      "cross-entropy")[0], rel=1e-6)
 
 
-def test_plot_example_reads_a_file_and_a_pipe(runs, tmp_path):
-    pytest.importorskip("matplotlib")
-    _, text = energy(runs / "sgd", runs / "rsgd", "--sigmas", "0,0.1,0.3", "--samples", 3)
-    (tmp_path / "le.csv").write_text(text)
-    script = REPO / "examples" / "plot_local_energy.py"
-    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
-    from_file = subprocess.run([sys.executable, script, tmp_path / "le.csv", "-o", tmp_path / "a.png"],
-                               capture_output=True, text=True, env=env, timeout=60)
-    from_pipe = subprocess.run([sys.executable, script, "-o", tmp_path / "b.png", "--metric", "delta_loss"],
-                               input=text, capture_output=True, text=True, env=env, timeout=60)
-    for done, png in ((from_file, "a.png"), (from_pipe, "b.png")):
-        assert done.returncode == 0, done.stderr
-        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / png).stat().st_size > 1000
-    bad = subprocess.run([sys.executable, script, "-o", tmp_path / "c.png"], input="a,b\n1,2\n",
-                         capture_output=True, text=True, env=env, timeout=60)
-    assert bad.returncode == 2 and "error:" in bad.stderr and not (tmp_path / "c.png").exists()
-
-
 FLAKY = '''from torch import nn
 from flatcli.errors import FlatcliError
 
