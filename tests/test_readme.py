@@ -67,3 +67,18 @@ def test_the_reproduction_section_regenerates_the_committed_report():
     tuning = (ROOT / "docs" / "reproduction" / "tuning.md").read_text()
     assert "\n    python examples/reproduce.py\n" in report  # the report was made by the command the README shows
     assert "\n    python examples/sweep.py\n" in tuning
+
+
+def test_the_plotting_pipe_runs_as_written(runs, tmp_path):
+    """The README's local-energy | plot line, verbatim, on the tiny runs (sgd, and rsgd standing in for esgd)."""
+    import pytest
+    pytest.importorskip("matplotlib")
+    line = next(line.strip() for line in README.splitlines() if "| flatcli plot -" in line)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "sgd").symlink_to(runs / "sgd")
+    (tmp_path / "runs" / "esgd").symlink_to(runs / "rsgd")
+    result = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = re.search(r"-o (\S+)", line).group(1)
+    assert (tmp_path / out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
