@@ -16,8 +16,31 @@ DEFAULT_DATA = "digits"  # real data that ships with flatcli; a default run take
 ESGD, RSGD, BOTH, OPT = ("Entropy-SGD (--algo esgd)", "Replicated SGD (--algo rsgd)",
                          "Entropic algorithms (--algo esgd and rsgd)", "Optimization")
 DATA, RUN = "Model and data", "Run folder"
-SCOPING = ("γ_1: scoping, γ_t = γ_0 (1 + γ_1)^t with t the optimizer steps already completed (γ_0 at the first "
-           "step), the same for eSGD and rSGD. Keep lr·γ_t (eSGD: langevin-lr·γ_t) below 1 for the whole run.")
+SCOPING = ("γ_1 of --gamma-schedule exp: γ_t = γ_0 (1 + γ_1)^t with t the optimizer steps already completed "
+           "(γ_0 at the first step), the same for eSGD and rSGD (the seed's scoping). Keep lr·γ_t (eSGD: langevin-lr·γ_t) "
+           "below 1 for the whole run.")
+GAMMA_HELP = ("γ_0: coupling strength (eSGD: of w' to w; rSGD: of the replicas to their center), or auto: the "
+              "balanced start, γ_0 = training loss / coupling term of the initial weights (rSGD: Σ L(w^a) / Σ ½|w^a − w̄|²; "
+              "eSGD: L(w) / ½|w|²), as in the authors' own code. Default: flatcli's 0.1, tuned on the teacher set "
+              "(docs/reproduction/tuning.md).")
+SCHEDULE_HELP = ("How γ runs over the run's total steps T: constant; exp (γ_0 (1+γ_1)^t with --gamma-growth, or "
+                 "geometric from γ_0 to --gamma-final); linear or cosine (from γ_0 to --gamma-final). Default: "
+                 "constant, or exp when --gamma-growth is given. The authors' practice is exp from --gamma auto up "
+                 "×1e4 (--gamma-ratio 1e4).")
+
+
+def parse_gamma(text: str):
+    """--gamma: a number >= 0 or "auto"."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise FlatcliError(f"--gamma {text!r} is neither a number nor auto",
+                           "write e.g. --gamma 0.1 or --gamma auto") from None
+    if not value >= 0:
+        raise FlatcliError(f"--gamma {text!r} is negative", "use a coupling >= 0, or auto")
+    return value
 
 
 def parse_milestones(text: str) -> list[int]:
@@ -53,7 +76,10 @@ def train(
     langevin_noise: Annotated[float, typer.Option(min=0.0, help="ε: Langevin noise; the step adds sqrt(η') ε ξ.", rich_help_panel=ESGD)] = D.noise,
     noise: Annotated[Optional[float], typer.Option("--noise", min=0.0, hidden=True, help="Old spelling of --langevin-noise.")] = None,
     alpha: Annotated[float, typer.Option(help="α: averaging factor of μ, in [0, 1).", rich_help_panel=ESGD)] = D.alpha,
-    gamma: Annotated[float, typer.Option(min=0.0, help="γ_0: coupling strength (eSGD: of w' to w; rSGD: of the replicas to their center).", rich_help_panel=BOTH)] = D.gamma,
+    gamma: Annotated[str, typer.Option(help=GAMMA_HELP, rich_help_panel=BOTH)] = str(D.gamma),
+    gamma_schedule: Annotated[Optional[str], typer.Option(show_default="constant", help=SCHEDULE_HELP, rich_help_panel=BOTH)] = None,
+    gamma_final: Annotated[Optional[float], typer.Option(min=0.0, show_default=False, help="γ at the last step of the exp, linear and cosine schedules.", rich_help_panel=BOTH)] = None,
+    gamma_ratio: Annotated[Optional[float], typer.Option(min=0.0, show_default=False, help="The same end as a multiple of γ_0: γ_final = ratio · γ_0 (the form for --gamma auto).", rich_help_panel=BOTH)] = None,
     gamma_growth: Annotated[float, typer.Option(min=0.0, help=SCOPING, rich_help_panel=BOTH)] = D.gamma_growth,
     replicas: Annotated[int, typer.Option(min=2, help="y: number of replicas.", rich_help_panel=RSGD)] = D.replicas,
     coupling_every: Annotated[int, typer.Option(min=1, help="K: the coupling acts every K steps.", rich_help_panel=RSGD)] = D.coupling_every,
@@ -100,7 +126,8 @@ def train(
                               seed=seed, loss=(loss.value if loss else "cross-entropy"), augment=augment, amp=amp,
                               langevin_steps=langevin_steps, langevin_lr=langevin_lr,
                               noise=noise if noise is not None else langevin_noise, alpha=alpha,
-                              gamma=gamma, gamma_growth=gamma_growth, replicas=replicas, coupling_every=coupling_every)
+                              gamma=parse_gamma(gamma), gamma_growth=gamma_growth, gamma_schedule=gamma_schedule,
+                              gamma_final=gamma_final, gamma_ratio=gamma_ratio, replicas=replicas, coupling_every=coupling_every)
             cfg.validate()
             trainer = new_trainer(cfg, model, width, depth, data, data_dir, data_seed, n_train, n_test, loss, out,
                                   init, save_every, dist, dev, console)
