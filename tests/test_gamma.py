@@ -159,7 +159,8 @@ def test_interrupt_then_resume_with_a_schedule_equals_uninterrupted(tmp_path, al
     resumed.run()
     for name in ("model.safetensors", *(["replicas.safetensors"] if algo == "rsgd" else [])):
         assert same_tensors(weights(tmp_path / "full" / name), weights(tmp_path / "part" / name))
-    rows = lambda run: [r.split(",")[:7] + r.split(",")[8:] for r in (run / "metrics.csv").read_text().splitlines()]  # noqa: E731
+    def rows(run):
+        return [r.split(",")[:7] + r.split(",")[8:] for r in (run / "metrics.csv").read_text().splitlines()]
     assert rows(tmp_path / "full") == rows(tmp_path / "part")  # every column but the seconds, γ included
 
 

@@ -19,8 +19,8 @@ The geometric ``exp`` over the whole run from a balanced γ_0 up by about 10⁴ 
 Balanced start (``gamma="auto"``): the γ_0 at which the coupling term of the objective equals the training loss
 at the start, with L the mean loss over the whole training split (eval mode) of the initial weights:
 
-    rSGD   γ_0 = Σ_a L(w^a) / Σ_a ½ |w^a − w̄|²      (the objective Σ_a L(w^a) + γ Σ_a ½ |w^a − w̄|², MATH.md §4;
-                                                     the replicas start from independent initializations)
+    rSGD   γ_0 = Σ_a L(w^a) / Σ_a ½ |w^a − w̄|²      (the objective is Σ_a L(w^a) + γ Σ_a ½ |w^a − w̄|²,
+                                                     MATH.md §4; replicas start from independent initializations)
     eSGD   γ_0 = L(w) / ½ |w|²                       (w' starts at w, so the literal coupling ½ |w' − w|² is 0;
                                                      |w|² is the scale the coupling acts over — for zero-mean
                                                      initializations it is y/(y − 1) times rSGD's E|w^a − w̄|²)
