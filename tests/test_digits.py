@@ -108,9 +108,10 @@ def offline(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
-def test_train_on_digits_runs_offline_and_is_the_default(tmp_path, offline):
+@pytest.mark.parametrize("data", [["--data", "digits"], []])  # named, and as the default
+def test_train_on_digits_runs_offline_and_is_the_default(tmp_path, offline, data):
     out = tmp_path / "run"
-    result = invoke("train", "--steps", "3", "--batch-size", "32", "--width", "16", "--device", "cpu",
+    result = invoke("train", *data, "--steps", "3", "--batch-size", "32", "--width", "16", "--device", "cpu",
                     "--data-dir", tmp_path / "nothing-here", "--out", out)
     assert result.exit_code == 0, result.stderr
     meta = read_checkpoint(out).meta
