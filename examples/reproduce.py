@@ -455,18 +455,20 @@ def number(value: float, spec: str) -> str:
 
 def hyper_table(infos: dict, runs: list[Run]) -> str:
     """The hyper-parameters each algorithm ran with, read back from the first run's metadata (by run name)."""
-    keys = {"sgd": ("epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule"),
-            "esgd": ("epochs", "batch_size", "lr", "langevin_steps", "langevin_lr", "noise", "alpha", "gamma",
-                     "gamma_growth", "momentum", "weight_decay", "lr_schedule"),
-            "rsgd": ("epochs", "batch_size", "lr", "replicas", "gamma", "coupling_every", "gamma_growth",
-                     "momentum", "weight_decay", "lr_schedule")}
+    gamma = ("gamma", "gamma_auto", "gamma_schedule", "gamma_growth", "gamma_final", "gamma_ratio")
+    keys = {"sgd": ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "lr_schedule"),
+            "esgd": ("epochs", "batch_size", "lr", "langevin_steps", "langevin_lr", "noise", "alpha", *gamma,
+                     "momentum", "nesterov", "weight_decay", "lr_schedule"),
+            "rsgd": ("epochs", "batch_size", "lr", "replicas", *gamma, "coupling_every", "momentum", "nesterov",
+                     "weight_decay", "lr_schedule")}
     rows = []
     for g in (*MAIN, CONTROL):
         first = next((r for r in runs if r.group == g and infos.get(r.name)), None)
         if first is None:
             continue
         hyper = infos[first.name]["hyper"]
-        rows.append([GROUP_LABEL[g], ", ".join(f"{k} {hyper[k]}" for k in keys[hyper["algo"]])])
+        shown = [k for k in keys[hyper["algo"]] if hyper.get(k) is not None]  # (older runs lack the γ schedule)
+        rows.append([GROUP_LABEL[g], ", ".join(f"{k} {hyper[k]}" for k in shown)])
     return table(["algorithm", "hyper-parameters (from the checkpoint metadata)"], rows)
 
 
