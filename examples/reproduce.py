@@ -1,6 +1,7 @@
 """Reproduce the seed's two claims (docs/MATH.md §5) at laptop scale, with flatcli's own commands.
 
-    python examples/reproduce.py                      # the default protocol → docs/reproduction/
+    python examples/reproduce.py                      # the default protocol, on the real digits → docs/reproduction/
+    python examples/reproduce.py --data teacher       # on the synthetic teacher set → docs/reproduction/teacher/
     python examples/reproduce.py --data fashion-mnist --model lenet --device cuda --out docs/reproduction-fmnist
 
 Claim 1: local entropy and local energy agree with each other and with generalization.
@@ -454,18 +455,20 @@ def number(value: float, spec: str) -> str:
 
 def hyper_table(infos: dict, runs: list[Run]) -> str:
     """The hyper-parameters each algorithm ran with, read back from the first run's metadata (by run name)."""
-    keys = {"sgd": ("epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule"),
-            "esgd": ("epochs", "batch_size", "lr", "langevin_steps", "langevin_lr", "noise", "alpha", "gamma",
-                     "gamma_growth", "momentum", "weight_decay", "lr_schedule"),
-            "rsgd": ("epochs", "batch_size", "lr", "replicas", "gamma", "coupling_every", "gamma_growth",
-                     "momentum", "weight_decay", "lr_schedule")}
+    gamma = ("gamma", "gamma_auto", "gamma_schedule", "gamma_growth", "gamma_final", "gamma_ratio")
+    keys = {"sgd": ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "lr_schedule"),
+            "esgd": ("epochs", "batch_size", "lr", "langevin_steps", "langevin_lr", "noise", "alpha", *gamma,
+                     "momentum", "nesterov", "weight_decay", "lr_schedule"),
+            "rsgd": ("epochs", "batch_size", "lr", "replicas", *gamma, "coupling_every", "momentum", "nesterov",
+                     "weight_decay", "lr_schedule")}
     rows = []
     for g in (*MAIN, CONTROL):
         first = next((r for r in runs if r.group == g and infos.get(r.name)), None)
         if first is None:
             continue
         hyper = infos[first.name]["hyper"]
-        rows.append([GROUP_LABEL[g], ", ".join(f"{k} {hyper[k]}" for k in keys[hyper["algo"]])])
+        shown = [k for k in keys[hyper["algo"]] if hyper.get(k) is not None]  # (older runs lack the γ schedule)
+        rows.append([GROUP_LABEL[g], ", ".join(f"{k} {hyper[k]}" for k in shown)])
     return table(["algorithm", "hyper-parameters (from the checkpoint metadata)"], rows)
 
 
@@ -505,11 +508,11 @@ def shown(args: list[str], o) -> str:
     return "flatcli " + shlex.join([o.shown_as.get(a, a) for a in args])
 
 
-TEACHER_NOTES = """### Why these settings (default data and model)
+TEACHER_NOTES = """### Why these settings (teacher data, default model)
 
 Fixed text, not regenerated: the numbers are from [tuning.md](tuning.md), made on the same machine by
-`python examples/sweep.py` (training only, seeds 100–103, disjoint from the seeds of this report; mean ±
-standard error of the mean over the 4 seeds).
+`python examples/sweep.py --data teacher` (training only, seeds 100–103, disjoint from the seeds of this report;
+mean ± standard error of the mean over the 4 seeds).
 
 - **Budget 30 epochs, not flatcli's default 10.** After 10 epochs SGD still misclassifies 9.2 % of the training
   set: it has not reached a minimum, so "a flatter minimum" has nothing to refer to yet. After 30 epochs the
@@ -534,7 +537,8 @@ standard error of the mean over the 4 seeds).
 """
 
 def default_protocol(o) -> bool:
-    """True when the runs are the default protocol's, which the fixed notes above are about."""
+    """True when the runs are the default protocol's on the teacher set, which the fixed notes above are about
+    (tuned there: on the digits they would not apply)."""
     return ((o.data, o.model, o.epochs, o.batch_size, o.steps, o.n_train, o.n_test, o.width, o.depth)
             == ("teacher", "mlp", 30, 64, None, None, None, None, None)
             and not (o.train_args or o.sgd_args or o.esgd_args or o.rsgd_args) and o.family == parse_family(DEFAULT_FAMILY))
@@ -758,11 +762,14 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--out", type=Path, default=Path("docs/reproduction"), help="folder for the report, figures and CSVs")
+    a("--out", type=Path, default=None, help="folder for the report, figures and CSVs (default: docs/reproduction "
+                                             "for digits, docs/reproduction/teacher for teacher, else "
+                                             "docs/reproduction-DATA)")
     a("--work", type=Path, default=None, help="folder for the run folders and raw outputs (default: a temporary "
                                              "folder, removed at the end)")
     g = p.add_argument_group("training (passed to flatcli train)")
-    g.add_argument("--data", default="teacher", help="flatcli's --data (paths relative to here)")
+    g.add_argument("--data", default="digits", help="flatcli's --data (paths relative to here): the real digits "
+                                                    "that ship with flatcli, teacher for the synthetic set, ...")
     g.add_argument("--data-dir", default=None, help="flatcli's --data-dir (default: flatcli's)")
     g.add_argument("--model", default="mlp")
     g.add_argument("--width", type=int, default=None)
@@ -830,15 +837,25 @@ def parse_args(argv):
     cpu = o.device == "cpu"
     o.jobs = o.jobs or (os.cpu_count() or 1 if cpu else 1)
     o.threads = o.threads if o.threads is not None else (1 if cpu else None)
+    o.out = o.out if o.out is not None else default_out(o.data)
     resolve_paths(o)
     return o
+
+
+def default_out(data: str) -> Path:
+    """Where the report goes when --out is not given: the real-data report is the main one."""
+    if data == "digits":
+        return Path("docs/reproduction")
+    if data == "teacher":
+        return Path("docs/reproduction/teacher")
+    return Path("docs") / f"reproduction-{Path(data).stem.replace(':', '_')}"
 
 
 def resolve_paths(o) -> None:
     """flatcli runs in the work folder: the paths the user gave relative to here (--data-dir, a data file,
     imagefolder:PATH) are passed to it absolute, by flatcli's own rules, and shown in the report as given."""
     from flatcli.data.core import IMAGEFOLDER_PREFIX, TENSOR_SUFFIXES, absolute
-    if o.data_dir is None and o.data != "teacher":
+    if o.data_dir is None and o.data not in ("teacher", "digits"):  # (the built-in sets need no folder)
         o.data_dir = "data"  # flatcli's default, which would otherwise point into the work folder
     o.shown_as = {}
     if o.data_dir is not None:

@@ -1,6 +1,7 @@
 """How eSGD and rSGD settings compare with SGD on one problem: test error over seeds, per setting.
 
-    python examples/sweep.py                                   # the default grid → docs/reproduction/tuning.md
+    python examples/sweep.py                                   # the default grid, digits → docs/reproduction/
+    python examples/sweep.py --data teacher                    # on the synthetic set → docs/reproduction/teacher/
     python examples/sweep.py --data fashion-mnist --model lenet --device cuda --out docs/tuning-fashion-mnist
 
 This is the search behind the default hyper-parameters of examples/reproduce.py and of flatcli: every setting
@@ -30,6 +31,10 @@ class Setting:
     why: str                 # what the setting tests, one line
 
 
+AUTO_EXP = ("--gamma", "auto", "--gamma-schedule", "exp")
+PAPER = ("--momentum", "0.9", "--nesterov", "--weight-decay", "5e-4")
+
+
 def default_grid(epochs: int) -> list[Setting]:
     """The grid run on the default data: the first setting is the baseline every other is compared with."""
     short = max(1, epochs // 3)
@@ -51,12 +56,25 @@ def default_grid(epochs: int) -> list[Setting]:
     grid += [
         Setting("esgd-noise0.01", ("--algo", "esgd", "--noise", "0.01"), "eSGD with Langevin noise ε 0.01"),
         Setting("esgd-scoped", ("--algo", "esgd", "--gamma", "0.03", "--gamma-growth", "0.005"),
-                "eSGD, γ scoped from 0.03 by 0.5 % per outer step (about ×100 over 30 epochs of the default data)"),
+                "eSGD, γ scoped from 0.03 by 0.5 % per outer step (about ×100 over 30 epochs of the teacher data)"),
         Setting("rsgd", ("--algo", "rsgd"), "rSGD at flatcli's defaults (y 3, γ 0.1, η 0.1)"),
         *[Setting(f"rsgd-g{g:g}", ("--algo", "rsgd", "--gamma", f"{g:g}"), f"rSGD, γ {g:g}") for g in (0.01, 0.3, 1.0)],
         Setting("rsgd-scoped", ("--algo", "rsgd", "--gamma", "0.01", "--gamma-growth", "0.0025"),
-                "rSGD, γ scoped from 0.01 by 0.25 % per step (about ×100 over 30 epochs of the default data)"),
+                "rSGD, γ scoped from 0.01 by 0.25 % per step (about ×100 over 30 epochs of the teacher data)"),
         Setting("rsgd-y5", ("--algo", "rsgd", "--replicas", "5"), "rSGD with 5 replicas"),
+        # γ schedules over the whole run, whatever its length (flatcli.training.gamma), from the balanced start
+        Setting("esgd-auto-exp", ("--algo", "esgd", *AUTO_EXP, "--gamma-final", "2"),
+                "eSGD, γ from the balanced start (auto) geometrically up to 2 at the last step (η'γ 0.5)"),
+        Setting("rsgd-auto-exp", ("--algo", "rsgd", *AUTO_EXP, "--gamma-final", "5"),
+                "rSGD, γ from the balanced start (auto) geometrically up to 5 at the last step (ηγ 0.5)"),
+        Setting("rsgd-auto-cosine", ("--algo", "rsgd", "--gamma", "auto", "--gamma-schedule", "cosine",
+                                     "--gamma-final", "5"), "rSGD, γ from the balanced start to 5 on a cosine"),
+        # the authors' own practice (SacredDNN): Nesterov 0.9, weight decay 5e-4, rSGD's lr × y, γ scoped from auto
+        Setting("sgd-nesterov", ("--algo", "sgd", *PAPER), "SGD with Nesterov 0.9 and weight decay 5e-4"),
+        Setting("rsgd-paper", ("--algo", "rsgd", "--lr", "0.3", *PAPER, *AUTO_EXP, "--gamma-final", "5"),
+                "rSGD as the authors train it: lr 0.1 × 3 replicas, Nesterov 0.9, weight decay 5e-4, γ auto → 5"),
+        Setting("esgd-paper", ("--algo", "esgd", "--langevin-steps", "5", *PAPER, *AUTO_EXP, "--gamma-final", "2"),
+                "eSGD with L 5, Nesterov 0.9, weight decay 5e-4, γ auto → 2 geometrically"),
     ]
     return grid
 
@@ -65,9 +83,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--out", type=Path, default=Path("docs/reproduction"), help="folder for tuning.md and tuning.csv")
+    a("--out", type=Path, default=None, help="folder for tuning.md and tuning.csv (default: the report's folder "
+                                             "for --data, see examples/reproduce.py)")
     a("--work", type=Path, default=None, help="folder for the run folders (default: a temporary one)")
-    a("--data", default="teacher")
+    a("--data", default="digits")
     a("--data-dir", default=None)
     a("--model", default="mlp")
     a("--device", default="cpu")
@@ -97,6 +116,7 @@ def parse_args(argv):
             p.error(f"--only {','.join(unknown)}: no such setting; the settings are {', '.join(known)}")
         grid = [known[w] for w in wanted]
     o.grid = grid
+    o.out = o.out if o.out is not None else reproduce.default_out(o.data)
     cpu = o.device == "cpu"
     o.jobs = o.jobs or ((reproduce.os.cpu_count() or 1) if cpu else 1)
     o.threads = o.threads if o.threads is not None else (1 if cpu else None)

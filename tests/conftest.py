@@ -229,7 +229,8 @@ def tensor_file_factory(tmp_path):
 
 # -- shared runs and settings -----------------------------------------------------------------------
 
-TINY_TRAIN = ["--n-train", "256", "--n-test", "128", "--batch-size", "32", "--width", "16", "--device", "cpu"]
+TINY_TRAIN = ["--data", "teacher", "--n-train", "256", "--n-test", "128", "--batch-size", "32", "--width", "16",
+              "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

@@ -115,6 +115,7 @@ def test_loader_mistakes(tmp_path, reference):
 
 def test_replica_errors_on_plain_run(tmp_path):
     out = tmp_path / "run"
-    assert invoke("train", "--steps", "2", "--out", out, "--n-train", "128", "--device", "cpu").exit_code == 0
+    assert invoke("train", "--data", "teacher", "--steps", "2", "--out", out, "--n-train", "128",
+                  "--device", "cpu").exit_code == 0
     assert_user_error(invoke("info", out, "--replica", "0"), "not an rSGD run")
     assert_user_error(invoke("info", out, "--replica", "x"), "--replica")

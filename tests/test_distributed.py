@@ -12,7 +12,7 @@ import torch
 
 from clitools import invoke, weights
 
-TINY = ["--n-train", "256", "--n-test", "64", "--batch-size", "32", "--device", "cpu"]
+TINY = ["--data", "teacher", "--n-train", "256", "--n-test", "64", "--batch-size", "32", "--device", "cpu"]
 
 
 def torchrun(*args, env=None, timeout=180):

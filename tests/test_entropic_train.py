@@ -6,7 +6,7 @@ import torch
 
 from clitools import assert_user_error, invoke, weights
 
-TINY = ["--n-train", "256", "--n-test", "64", "--batch-size", "32", "--device", "cpu"]
+TINY = ["--data", "teacher", "--n-train", "256", "--n-test", "64", "--batch-size", "32", "--device", "cpu"]
 
 
 @pytest.mark.parametrize("algo", ["esgd", "rsgd"])

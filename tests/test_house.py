@@ -19,7 +19,8 @@ from flatcli.training.algorithms import REGISTRY
 from flatcli.training.algorithms.base import Algorithm
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--n-train", "256", "--n-test", "64", "--batch-size", "32", "--width", "16", "--device", "cpu"]
+TINY = ["--data", "teacher",
+        "--n-train", "256", "--n-test", "64", "--batch-size", "32", "--width", "16", "--device", "cpu"]
 HEAVY = ("torch", "torchvision", "numpy")
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -24,7 +24,8 @@ from flatcli.training import evaluate_model
 
 HEADER = "checkpoint,split,sigma,samples,error_mean,error_sem,delta_error,loss_mean,loss_sem,delta_loss"
 NUMBERS = ["sigma", "samples", "error_mean", "error_sem", "delta_error", "loss_mean", "loss_sem", "delta_loss"]
-TINY = ["--n-train", "256", "--n-test", "128", "--batch-size", "32", "--width", "16", "--device", "cpu"]
+TINY = ["--data", "teacher",
+        "--n-train", "256", "--n-test", "128", "--batch-size", "32", "--width", "16", "--device", "cpu"]
 REPO = Path(__file__).resolve().parents[1]
 
 

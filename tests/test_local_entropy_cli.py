@@ -24,7 +24,8 @@ estimator = importlib.import_module("flatcli.measure.local_entropy")  # (flatcli
 HEADER = "checkpoint,gamma,local_entropy,local_entropy_sem,distance,loss_mean,error_mean"
 NUMBERS = ["gamma", "local_entropy", "local_entropy_sem", "distance", "loss_mean", "error_mean", "beta",
            "acceptance", "langevin_lr", "curvature", "checkpoint_loss", "checkpoint_error"]
-TINY = ["--n-train", "256", "--n-test", "128", "--batch-size", "32", "--width", "16", "--device", "cpu"]
+TINY = ["--data", "teacher",
+        "--n-train", "256", "--n-test", "128", "--batch-size", "32", "--width", "16", "--device", "cpu"]
 FAST = ["--steps", "6", "--burn-in", "2", "--chains", "2", "--max-examples", "64"]
 
 

@@ -280,3 +280,16 @@ def test_other_data_and_models_pass_through_with_paths_as_the_user_gave_them(fas
     assert "flatcli train --data fashion-mnist --model linear --device cpu" in report
     assert "--data-dir data " in report and str(tmp_path) not in report
     assert "### Why these settings" not in report  # the notes are about the default data and model only
+
+
+def test_the_default_protocol_is_on_the_real_digits_with_eight_seeds_and_the_sweep_on_other_seeds():
+    sys.path.insert(0, str(SWEEP.parent))
+    import sweep
+    o = reproduce.parse_args([])
+    assert o.data == "digits" and o.out == Path("docs/reproduction") and len(o.seeds) >= 8 and o.data_dir is None
+    assert reproduce.parse_args(["--data", "teacher"]).out == Path("docs/reproduction/teacher")
+    s = sweep.parse_args([])
+    assert s.data == "digits" and s.out == o.out
+    assert not set(s.seeds) & (set(o.seeds) | set(o.family_seeds))
+    paper = sweep.command({g.name: g for g in s.grid}["rsgd-paper"], 100, s)
+    assert paper[paper.index("--gamma") + 1] == "auto" and "--nesterov" in paper

@@ -12,7 +12,7 @@ import torch
 
 from clitools import assert_user_error, invoke, same_tensors, weights
 
-TINY = ["--n-train", "256", "--n-test", "128", "--batch-size", "32", "--device", "cpu"]
+TINY = ["--data", "teacher", "--n-train", "256", "--n-test", "128", "--batch-size", "32", "--device", "cpu"]
 
 
 def test_version_and_help():

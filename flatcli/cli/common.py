@@ -153,7 +153,7 @@ ModelOpt = Annotated[Optional[str], typer.Option(
 WidthOpt = Annotated[int, typer.Option("--width", min=1, help="Hidden width of the mlp.")]
 DepthOpt = Annotated[int, typer.Option("--depth", min=1, help="Hidden layers of the mlp.")]
 DataOpt = Annotated[Optional[str], typer.Option(
-    "--data", help="teacher (synthetic, embedded), mnist, fashion-mnist, cifar10, cifar100, imagefolder:PATH, "
+    "--data", help="digits (real 8x8 handwritten digits, embedded), teacher (synthetic, embedded), mnist, fashion-mnist, cifar10, cifar100, imagefolder:PATH, "
                    "or a tensors file (.npz, .safetensors, .pt with x, y[, x_test, y_test]).")]
 class InMemory(str, enum.Enum):
     auto = "auto"

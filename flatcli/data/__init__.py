@@ -1,4 +1,5 @@
-"""Data sets as tensors: the synthetic teacher set, torchvision image sets, image folders, tensor files.
+"""Data sets as tensors: the built-in digits (real, 8×8) and teacher (synthetic) sets, torchvision image sets,
+image folders, tensor files.
 
     load_data(DataSpec("cifar10", data_dir="data"))  →  Data(train=Split, test=Split, input_shape, ...)
 
@@ -12,6 +13,8 @@ import os
 from flatcli.data.augment import augment_batch
 from flatcli.data.core import (DATA_NAMES, IMAGEFOLDER_PREFIX, TENSOR_SUFFIXES, Data, DataSpec, Split, absolute,
                                channel_stats, check_spec, make_data)
+from flatcli.data.digits import NUM_CLASSES as DIGITS_CLASSES
+from flatcli.data.digits import digits_splits
 from flatcli.data.teacher import NUM_CLASSES as TEACHER_CLASSES
 from flatcli.data.teacher import teacher_splits
 from flatcli.data.tensor_file import tensor_file_splits
@@ -30,6 +33,9 @@ def load_data(spec: DataSpec, *, download: bool = True) -> Data:
     if name == "teacher":
         train, test = teacher_splits(spec)
         return make_data(spec, train, test, TEACHER_CLASSES)
+    if name == "digits":
+        train, test = digits_splits(spec)
+        return make_data(spec, train, test, DIGITS_CLASSES)
     if name in TORCHVISION_SETS:
         train, test, classes = torchvision_splits(name, absolute(spec.data_dir), download)
     elif name.startswith(IMAGEFOLDER_PREFIX):

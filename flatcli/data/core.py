@@ -1,7 +1,8 @@
 """What a data set is once loaded: its spec, its splits held as tensors, and what a model needs to know.
 
 Images stay uint8 in memory (a quarter of the float32 size, so CIFAR fits on any device) and are
-normalized per batch: ``x̂ = (x / 255 − mean_c) / std_c`` with ``mean_c, std_c`` in units of [0, 1] pixels.
+normalized per batch: ``x̂ = (x / scale − mean_c) / std_c`` with ``mean_c, std_c`` in units of [0, 1] pixels
+and ``scale`` the brightest level (255; 16 for the digits).
 Feature sets (the teacher, float tensor files) are float32 and used as they are.
 """
 import os
@@ -12,7 +13,7 @@ from torch import Tensor
 
 from flatcli.errors import FlatcliError
 
-DATA_NAMES = ("teacher", "mnist", "fashion-mnist", "cifar10", "cifar100")
+DATA_NAMES = ("digits", "teacher", "mnist", "fashion-mnist", "cifar10", "cifar100")
 IMAGEFOLDER_PREFIX = "imagefolder:"
 READING = ("in_memory", "workers")  # DataSpec fields that say how to read the data, not which data
 TENSOR_SUFFIXES = (".npz", ".safetensors", ".pt", ".pth")
@@ -28,8 +29,9 @@ class DataSpec:
     """Which data: a ``DATA_NAMES`` entry, ``imagefolder:PATH`` or a tensor file path (.npz/.safetensors/.pt).
 
     ``data_dir``: where the torchvision sets live or are downloaded to. ``seed``: generates the teacher
-    set and picks the capped subsets. ``n_train``/``n_test``: the teacher's sizes (None: the defaults);
-    for every other set an optional cap, the first n examples after a shuffle seeded by ``seed``.
+    set, draws the digits' train/test split and picks the capped subsets. ``n_train``/``n_test``: the
+    teacher's sizes (None: the defaults); for every other set an optional cap, the first n examples after a
+    shuffle seeded by ``seed``.
     """
     name: str = "teacher"
     data_dir: str = "data"
@@ -88,12 +90,14 @@ def check_spec(spec: DataSpec) -> DataSpec:
 class Split:
     """One split held as tensors: ``x`` (n, *input_shape), ``y`` (n,) int64 labels or (n,)/(n, k) float targets.
 
-    ``mean``/``std`` (C, 1, 1), in units of [0, 1] pixels, are set for uint8 images and None for float x.
+    ``mean``/``std`` (C, 1, 1), in units of [0, 1] pixels, are set for uint8 images and None for float x;
+    ``scale`` is the pixel value that stands for 1 (255, or 16 for the digits' 17 grey levels).
     """
     x: Tensor
     y: Tensor
     mean: Tensor | None = None
     std: Tensor | None = None
+    scale: float = 255.0
 
     def __len__(self) -> int:
         return len(self.x)
@@ -104,13 +108,13 @@ class Split:
 
     def to(self, device) -> "Split":
         move = (lambda t: None if t is None else t.to(device))
-        return Split(move(self.x), move(self.y), move(self.mean), move(self.std))
+        return Split(move(self.x), move(self.y), move(self.mean), move(self.std), self.scale)
 
     def normalize(self, x: Tensor) -> Tensor:
-        """float32 ``(x / 255 − mean) / std`` for uint8 images; float32 ``x`` otherwise."""
+        """float32 ``(x / scale − mean) / std`` for uint8 images; float32 ``x`` otherwise."""
         if self.mean is None:
             return x.float()
-        return (x.float() / 255 - self.mean) / self.std
+        return (x.float() / self.scale - self.mean) / self.std
 
     def batch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """The examples at ``idx`` (moved to the split's device): normalized float32 x, y."""
@@ -131,7 +135,7 @@ class Split:
         if n >= len(self):
             return self
         idx = torch.randperm(len(self), generator=generator, device=generator.device)[:n].to(self.x.device)
-        return Split(self.x[idx], self.y[idx], self.mean, self.std)
+        return Split(self.x[idx], self.y[idx], self.mean, self.std, self.scale)
 
 
 @dataclass

@@ -101,6 +101,7 @@ class Trainer:
         self.streams = [BatchStream(len(self.train_split), cfg.batch_size, cfg.seed, a) for a in self.model_ids]
         self.algorithm = algorithm(models, self.model_ids, cfg, self.next_batch, device, dist,
                                    global_batch=self.streams[0].batch_size)
+        self._start_gamma()
         self.step = self.epoch = self.epoch_step = 0
         self.rows: list[dict] = []
         self.seconds = 0.0
@@ -108,7 +109,19 @@ class Trainer:
         self.last_good: int | None = None  # the step of the last save, a good checkpoint
         self._reset_running()
 
-    # -- data ---------------------------------------------------------------------------------
+    def _start_gamma(self) -> None:
+        """The γ schedule's horizon (this run's total steps), and for gamma="auto" the balanced γ_0 of the initial
+        weights, which replaces "auto" in the config (so the checkpoint records it and a resume reuses it)."""
+        schedule = self.algorithm.gamma_schedule
+        if schedule is None:
+            return
+        schedule.total = self.total_steps
+        if self.cfg.gamma == "auto":
+            mean_loss = lambda m: evaluate_model(m, self.train_split, self.cfg.loss, self.cfg.amp)[0]  # noqa: E731
+            self.cfg.gamma = schedule.gamma0 = self.algorithm.balanced_gamma(mean_loss)
+            self.cfg.gamma_auto = True
+
+        # -- data ---------------------------------------------------------------------------------
     def next_batch(self, stream: int):
         """The next minibatch of local stream ``stream``; data-parallel ranks keep their shard of it."""
         s = self.streams[stream]
@@ -174,9 +187,12 @@ class Trainer:
         raise FlatcliError(f"{what}{where}", f"use a smaller learning rate than --lr {self.cfg.lr:g}")
 
     def _set_lr(self):
+        """The learning rate and (entropic algorithms) the coupling γ_t of the coming step."""
         cfg = self.cfg
         self.algorithm.set_lr(scheduled_lr(cfg.lr, cfg.lr_schedule, self.step / self.total_steps, self.epoch,
                                            cfg.milestones, cfg.lr_decay))
+        if self.algorithm.gamma_schedule is not None:
+            self.algorithm.set_gamma(self.algorithm.gamma_schedule(self.step))
 
     def run(self, progress=None, should_stop=lambda: False) -> dict:
         """Train to the end of the budget; ``progress(event, info)`` hears "start", "step" and "epoch" events.
@@ -243,6 +259,8 @@ class Trainer:
                               self.cfg.amp)
 
     def _end_epoch(self, progress):
+        if self.algorithm.gamma_schedule is not None:  # the row's γ is the coming step's, as before schedules
+            self.algorithm.set_gamma(self.algorithm.gamma_schedule(self.step))
         model = self.algorithm.report_model()
         test = evaluate_model(model, self.test_split, self.cfg.loss, self.cfg.amp)
         running = self.global_running

@@ -16,6 +16,7 @@ import torch
 
 from flatcli import distributed
 from flatcli.devices import autocast
+from flatcli.errors import FlatcliError
 from flatcli.losses import error_count, loss_sum
 from flatcli.training.config import TrainConfig
 
@@ -58,6 +59,17 @@ class Algorithm:
 
     def step(self):
         raise NotImplementedError
+
+    # -- the coupling γ (entropic algorithms only; see flatcli.training.gamma) ------------------------
+    gamma_schedule = None  # a GammaSchedule for algorithms that couple; the trainer sets its horizon
+
+    def set_gamma(self, gamma: float) -> None:
+        """The coupling of the coming step (the trainer calls this before every step)."""
+
+    def balanced_gamma(self, mean_loss) -> float:
+        """The balanced γ_0 of ``gamma="auto"``; ``mean_loss(model)`` is its mean training loss."""
+        raise FlatcliError(f"gamma='auto' is for the entropic algorithms, not {self.cfg.algo}",
+                           "use --gamma auto with --algo esgd or rsgd")
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

@@ -12,6 +12,7 @@ from flatcli.devices import autocast
 from flatcli.errors import FlatcliError
 from flatcli.losses import per_example_error, per_example_loss
 from flatcli.training.algorithms.base import Algorithm, _cpu, forward_backward
+from flatcli.training.gamma import balanced, schedule_of
 
 REPLICAS_FILE = "replicas.safetensors"
 
@@ -38,8 +39,10 @@ class ReplicatedSGDAlgorithm(Algorithm):
         from flatcli.optim import ReplicatedSGD
 
         super().__init__(models, ids, cfg, batch, device, dist, global_batch)
-        self.optimizer = ReplicatedSGD([m.parameters() for m in models], lr=cfg.lr, coupling=cfg.gamma,
-                                       coupling_every=cfg.coupling_every, gamma_growth=cfg.gamma_growth,
+        self.gamma_schedule = schedule_of(cfg)  # γ_t, set before every step by the trainer
+        self.optimizer = ReplicatedSGD([m.parameters() for m in models], lr=cfg.lr,
+                                       coupling=self.gamma_schedule(0),
+                                       coupling_every=cfg.coupling_every, gamma_growth=0.0,
                                        momentum=cfg.momentum, nesterov=cfg.nesterov,
                                        weight_decay=cfg.weight_decay, total_replicas=cfg.replicas,
                                        all_reduce=distributed.all_reduce_ if dist is not None else None)
@@ -108,6 +111,20 @@ class ReplicatedSGDAlgorithm(Algorithm):
         d = sum(sum((p - c).pow(2).sum() for p, c in zip(m.parameters(), center)) for m in self.models)
         return float(self._sum_over_replicas([torch.as_tensor(d, dtype=torch.float64)])[0]) / (n * self.cfg.replicas)
 
+    def set_gamma(self, gamma):
+        for group in self.optimizer.param_groups:
+            group["coupling"] = gamma
+
+    @torch.no_grad()
+    def balanced_gamma(self, mean_loss):
+        """γ_0 = Σ_a L(w^a) / Σ_a ½ |w^a − w̄|² over every replica (flatcli.training.gamma; a collective)."""
+        center = self.optimizer.center()
+        sq = sum(sum((p.double() - c.double()).pow(2).sum() for p, c in zip(m.parameters(), center))
+                 for m in self.models)
+        total = torch.tensor([sum(mean_loss(m) for m in self.models), float(sq)], dtype=torch.float64)
+        loss, sq = self._sum_over_replicas([total.to(self.device)])[0].tolist()
+        return balanced(loss, 0.5 * sq, "Σ_a ½ |w^a − w̄|² of the initial replicas")
+
     def epoch_metrics(self, evaluate, test_error, running):
         center_train = evaluate(self.center, "train")
         test = torch.tensor(sum(evaluate(m, "test")[1] for m in self.models), dtype=torch.float64)
@@ -127,9 +144,12 @@ class ReplicatedSGDAlgorithm(Algorithm):
                                    self.optimizer.state[p]["momentum_buffer"].cpu() for p in g["params"]]})
                  for a, m, g in zip(self.ids, self.models, self.optimizer.param_groups)]
         parts = distributed.all_gather(local) if self.dist is not None else [local]
-        return {"replicas": [st for _, st in sorted((x for part in parts for x in part), key=lambda x: x[0])]}
+        return {"replicas": [st for _, st in sorted((x for part in parts for x in part), key=lambda x: x[0])],
+                "gamma_schedule": self.gamma_schedule.state_dict()}
 
     def load_state_dict(self, state):
+        if "gamma_schedule" in state:  # (states written before schedules: the config alone describes γ)
+            self.gamma_schedule.load_state_dict(state["gamma_schedule"])
         for a, m, group in zip(self.ids, self.models, self.optimizer.param_groups):
             saved = state["replicas"][a]
             m.load_state_dict(saved["weights"])
