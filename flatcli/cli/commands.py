@@ -8,6 +8,8 @@ from flatcli.cli.common import FlatcliCommand, FlatcliGroup
 from flatcli.cli.info import info
 from flatcli.cli.local_energy import local_energy
 from flatcli.cli.local_entropy import local_entropy
+from flatcli.cli.pac_bayes import pac_bayes
+from flatcli.cli.sharpness import sharpness
 from flatcli.cli.train import train
 
 app = typer.Typer(cls=FlatcliGroup, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -29,5 +31,5 @@ def root(version: Annotated[bool, typer.Option("--version", callback=version_cal
 
 
 for name, command in (("train", train), ("info", info), ("local-energy", local_energy),
-                      ("local-entropy", local_entropy)):
+                      ("local-entropy", local_entropy), ("sharpness", sharpness), ("pac-bayes", pac_bayes)):
     app.command(name, cls=FlatcliCommand)(command)

@@ -43,7 +43,7 @@ class PacBayesSettings:
     target: float = 0.1  # allowed rise of the 0-1 error (a fraction)
     noise: str = "magnitude-aware"
     epsilon: float = 1e-3  # ε₀: the standard deviation of the noise on a zero weight (magnitude-aware)
-    max_sigma: float = 1.0
+    max_sigma: float = 5.0
     samples: int = 20  # draws per probe (the same draws at every probe)
     tolerance: float = 0.01  # stop when hi − lo ≤ tolerance · hi
     max_probes: int = 40
@@ -92,7 +92,7 @@ class PacBayesResult:
 
 
 def pac_bayes_sigma(model: nn.Module, data, *, target: float = 0.1, noise: str = "magnitude-aware",
-                    epsilon: float = 1e-3, max_sigma: float = 1.0, samples: int = 20, tolerance: float = 0.01,
+                    epsilon: float = 1e-3, max_sigma: float = 5.0, samples: int = 20, tolerance: float = 0.01,
                     max_probes: int = 40, bn: str = "eval", bn_batches: int = 4, loss: str = "cross-entropy",
                     batch_size: int = 1000, seed: int = 0, bn_data=None, callback=None) -> PacBayesResult:
     """σ* and the PAC-Bayes flatness 1/σ*² of ``model`` on ``data`` (an (x, y) pair or iterable of batches
@@ -134,6 +134,8 @@ def measure(model: nn.Module, data, settings: PacBayesSettings, *, bn_data=None,
                                "measure a classifier (integer labels)")
         z = [_perturb.draw_noise(pert.w0, s.seed, k) for k in draws]
 
+        ticks = [0]
+
         def deviation(sigma: float) -> float:
             errors = []
             for zk in z:
@@ -142,11 +144,14 @@ def measure(model: nn.Module, data, settings: PacBayesSettings, *, bn_data=None,
                     _perturb.recompute_bn_stats(model, bns, bn_x)
                 errors.append(draw_sums(forward, source, s.loss, device)[0][0, 1].double().cpu())
                 if callback is not None:
+                    ticks[0] += 1
                     callback(1, total)
             every = team.gather_units(errors, s.samples)
             return float(torch.stack(every).sum()) / (n * s.samples) - error
 
         result = _bisect(deviation, s)
+        if callback is not None and ticks[0] < total:  # fewer probes than estimated: the bar ends full
+            callback(total - ticks[0], total)
     finally:
         pert.restore()
         state.restore()
