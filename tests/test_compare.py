@@ -54,10 +54,11 @@ def test_worked_example_runs(worked, family):
     assert [r["checkpoint"] for r in rows] == [str(p) for p in family]
     assert [(r["batch_size"], r["lr"]) for r in rows] == GRID
     assert (out / "c.png").stat().st_size > 1000
-    assert "rank agreement with generalization" in result.stderr and "Ψ over batch_size, lr" in result.stderr
+    assert "rank agreement with generalization" in result.stderr and "Ψ: mean over" in result.stderr
     for r in rows:
         assert float(r["gap"]) == pytest.approx(float(r["test_error"]) - float(r["train_error"]), abs=1e-15)
     assert doc["hypers"] == ["batch_size", "lr"] and len(doc["per_checkpoint"]) == 4
+    assert all(set(c["psi_per_hyper"]) <= {"batch_size", "lr"} for c in doc["correlations"])
     assert len(doc["correlations"]) == 2 * len(measures)
 
 

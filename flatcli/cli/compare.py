@@ -116,8 +116,13 @@ def render(result) -> list:
     crows = [[c["measure"].replace("_", " "), c["against"].replace("_", " "), f"{fmt(c['kendall_tau'])} (p {fmt(c['kendall_p'], 2)})",
               f"{fmt(c['spearman_rho'])} (p {fmt(c['spearman_p'], 2)})", str(c["n"]), fmt(c["psi"])]
              for c in result.correlations]
-    about = (f"Ψ over {', '.join(result.hypers)}" if result.hypers else
-             "Ψ: no hyper-parameters vary among the checkpoints (or they are not flatcli runs)")
+    used = sorted({k for c in result.correlations for k in c["psi_per_hyper"]})
+    if used:
+        about = f"Ψ: mean over {', '.join(used)} of τ within groups where only that hyper-parameter varies"
+    elif result.hypers:
+        about = (f"Ψ: {', '.join(result.hypers)} vary, but no two checkpoints differ in one of them alone")
+    else:
+        about = "Ψ: no hyper-parameters vary among the checkpoints (or they are not flatcli runs)"
     t2 = table("rank agreement with generalization", ["measure", "against", "Kendall τ", "Spearman ρ", "n", "Ψ"],
                crows, caption=about)
     return [t1, t2]

@@ -192,14 +192,17 @@ def _plain(value):
 
 
 def correlations(rows: list[dict], columns: list[str], hypers=None, names=()) -> list[dict]:
-    """Kendall τ, Spearman ρ (with p and n) and Ψ of each measure column against the test error and the gap."""
+    """Kendall τ, Spearman ρ (with p and n) and Ψ of each measure column against the test error and the gap.
+
+    ``psi_per_hyper``: ψ_i of each hyper-parameter that has a group of checkpoints differing in it alone."""
     out = []
     for col in columns:
         values = [row[col] for row in rows]
         for against in TARGETS:
             target = [row[against] for row in rows]
             t, r = rank.kendall(values, target), rank.spearman(values, target)
-            psi = rank.granulated_kendall(values, target, hypers, names).psi if hypers else math.nan
+            g = rank.granulated_kendall(values, target, hypers, names) if hypers else None
             out.append({"measure": col, "against": against, "kendall_tau": t.statistic, "kendall_p": t.pvalue,
-                        "spearman_rho": r.statistic, "spearman_p": r.pvalue, "n": t.n, "psi": psi})
+                        "spearman_rho": r.statistic, "spearman_p": r.pvalue, "n": t.n,
+                        "psi": g.psi if g else math.nan, "psi_per_hyper": g.per_hyper if g else {}})
     return out
