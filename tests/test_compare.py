@@ -162,3 +162,36 @@ def test_help_imports_no_torch(command):
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in done.stderr.splitlines()
                 if line.startswith("import time:")}
     assert "flatcli" in imported and not imported & {"torch", "numpy", "scipy", "matplotlib"}
+
+
+SHRINK = {"--epochs 30": "--steps 6", "--n-train 2000": "--n-train 128", "--n-test 2000": "--n-test 64",
+          "--width 32": "--width 8"}
+
+
+def test_the_drafted_worked_example_runs_as_written(tmp_path, monkeypatch):
+    """The README draft's command lines, expanded by bash itself (flatcli stubbed to print its arguments), then run
+    in-process with the training budget and data shrunk; the compare line is taken as it is."""
+    import glob
+    import subprocess
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "docs" / "drafts" / "sharpness.md").read_text()
+    block = text.split("### A worked example", 1)[1].split("```", 1)[0]
+    script = "\n".join(line[4:] for line in block.splitlines() if line.startswith("    "))
+    assert script.count("flatcli train") == 3 and "flatcli compare runs/*" in script
+    for big in SHRINK:
+        assert big in script, big
+    for big, small in SHRINK.items():
+        script = script.replace(big, small)
+    monkeypatch.chdir(tmp_path)
+    lines = subprocess.run(["bash", "-c", "flatcli() { printf '%s\\0' \"$@\"; printf '\\n'; }\n" + script],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    commands = [[a for a in line.split("\0") if a] for line in lines]
+    assert len(commands) == 7 and commands[-1][0] == "compare"
+    for args in commands[:-1]:
+        result = invoke(*args, "--device", "cpu")
+        assert result.exit_code == 0, (args, result.stderr)
+    args = [a for arg in commands[-1] for a in (sorted(glob.glob(arg)) if "*" in arg else [arg])]
+    result = invoke(*args, "--device", "cpu", "--measures", "local-energy,sharpness,pac-bayes")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "compare.png").exists() and len((tmp_path / "compare.csv").read_text().splitlines()) == 7
+    assert "rank agreement with generalization" in result.stderr

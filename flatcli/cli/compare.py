@@ -113,7 +113,8 @@ def render(result) -> list:
             for r in result.rows]
     t1 = table("flatness measures and generalization", [h.replace("_", " ") for h in head], rows,
                caption="errors are fractions; every measure: higher = sharper, except local entropy (higher = flatter)")
-    crows = [[c["measure"].replace("_", " "), c["against"].replace("_", " "), f"{fmt(c['kendall_tau'])} (p {fmt(c['kendall_p'], 2)})",
+    crows = [[c["measure"].replace("_", " "), c["against"].replace("_", " "),
+              f"{fmt(c['kendall_tau'])} (p {fmt(c['kendall_p'], 2)})",
               f"{fmt(c['spearman_rho'])} (p {fmt(c['spearman_p'], 2)})", str(c["n"]), fmt(c["psi"])]
              for c in result.correlations]
     used = sorted({k for c in result.correlations for k in c["psi_per_hyper"]})
@@ -149,8 +150,8 @@ def _matplotlib():
     try:
         import matplotlib
     except ImportError:
-        raise FlatcliError("--plot needs matplotlib, which is not installed", "pip install matplotlib, or drop --plot") \
-            from None
+        raise FlatcliError("--plot needs matplotlib, which is not installed",
+                           "pip install matplotlib, or drop --plot") from None
     matplotlib.use("Agg")
     return matplotlib
 

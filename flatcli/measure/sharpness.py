@@ -6,8 +6,8 @@ With c = |w| (adaptive) or c = 1, and L_S the mean loss over a batch S of m exam
     average-case  S_avg(ρ) = E_S E_δ[ L_S(w + δ) − L_S(w) ],   δ ~ N(0, ρ² diag(c²))
 
 Worst case: in the coordinates u = δ ⊘ c the constraint is a plain ball ‖u‖_p ≤ ρ, so the projection is exact
-(a rescale for p = 2, a clamp for p = ∞), and the gradient is ∇_u = c ⊙ ∇_δ. The maximum is searched by Auto-PGD
-(Croce & Hein 2020): a random start (on the sphere for l2, uniform in the cube for linf), first step size 2ρ,
+(a rescale for p = 2, a clamp for p = ∞), and the gradient is ∇_u = c ⊙ ∇_δ. The maximum is searched by
+Auto-PGD (Croce & Hein 2020): a random start (on the sphere for l2, uniform in the cube for linf), first step size 2ρ,
 momentum 0.75, and at the checkpoints w_j = ⌈p_j N⌉ (p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} −
 0.03, 0.06)) the step is halved and the search restarts from the best point when fewer than 75% of the steps
 since the last checkpoint raised the objective, or when neither the step nor the best value changed. The best
@@ -73,7 +73,8 @@ class SharpnessSettings:
         check_choice("bn", self.bn, BN_POLICIES)
         if not isinstance(self.adaptive, bool):
             raise FlatcliError(f"adaptive={self.adaptive!r} is not True or False", "use adaptive=True")
-        for name in ("steps", "restarts", "samples", "bn_batches", "batch_size") + (("m",) if self.m is not None else ()):
+        counts = ("steps", "restarts", "samples", "bn_batches", "batch_size") + (("m",) if self.m is not None else ())
+        for name in counts:
             check_positive_int(name, getattr(self, name))
         check_loss(self.loss)
         check_seed("seed", self.seed)
@@ -254,7 +255,8 @@ def _start(n: int, norm: str, seed: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def checkpoints(steps: int) -> list[int]:
-    """Auto-PGD's checkpoints w_j = ⌈p_j N⌉: p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06)."""
+    """Auto-PGD's checkpoints w_j = ⌈p_j N⌉, with p_0 = 0, p_1 = 0.22 and
+    p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06)."""
     p, out = [0.0, 0.22], []
     while True:
         w = math.ceil(round(p[-1] * steps, 9))  # round: 0.22 · 100 is 22.000000000000004
