@@ -44,7 +44,7 @@ def sharpness(
     kind: Annotated[Kind, typer.Option(help="worst: max over ‖δ/c‖ ≤ ρ by Auto-PGD; average: E over δ ~ N(0, ρ² c²) (= local energy's δL at σ = ρ); both.")] = Kind.worst,
     norm: Annotated[Norm, typer.Option(help="Worst case: the norm of the ball, l2 or linf.")] = Norm.l2,
     adaptive: Annotated[bool, typer.Option("--adaptive/--no-adaptive", help="Scale the perturbation by |w| (c = |w|), or not (c = 1).")] = True,
-    m: Annotated[Optional[int], typer.Option("--m", min=1, show_default="all", help="m-sharpness: examples per batch; the sharpness is the mean over batches (a remainder of fewer than m examples is left out).")] = None,
+    m: Annotated[Optional[int], typer.Option("--m", "--m-sharpness", min=1, show_default="all", help="m-sharpness: examples per batch; the sharpness is the mean over batches (a remainder of fewer than m examples is left out). Under torchrun write --m-sharpness: torchrun takes --m for one of its own flags.")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Worst case: Auto-PGD iterations per start.")] = 20,
     restarts: Annotated[int, typer.Option(min=1, help="Worst case: random starts per batch (the best is kept).")] = 1,
     samples: Annotated[int, typer.Option(min=1, help="Average case: noise draws (the same draws at every ρ, those of local-energy).")] = 50,
