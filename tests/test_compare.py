@@ -195,3 +195,20 @@ def test_the_drafted_worked_example_runs_as_written(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "compare.png").exists() and len((tmp_path / "compare.csv").read_text().splitlines()) == 7
     assert "rank agreement with generalization" in result.stderr
+
+
+def test_local_entropy_is_opt_in_and_the_estimator_s_value():
+    from flatcli.measure import local_entropy
+    torch.manual_seed(2)
+    x, y = torch.randn(48, 3), torch.randint(0, 2, (48,))
+    subjects = [Subject(f"m{i}", torch.nn.Linear(3, 2), (x, y), (x, y), (x[:16], y[:16])) for i in range(2)]
+    assert "local-entropy" not in compare_defaults()
+    r = compare(subjects, measures=["local-entropy"], gamma=300.0, seed=1)
+    for subject, row in zip(subjects, r.rows):
+        want = local_entropy(subject.model, (x, y), [300.0], seed=1).rows[0].local_entropy
+        assert row["local_entropy"] == want
+
+
+def compare_defaults():
+    from flatcli.measure.compare import parse_measures
+    return parse_measures(None)[0]
