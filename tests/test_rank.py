@@ -50,3 +50,16 @@ def test_kendall_and_spearman_are_scipys_with_nan_pairs_left_out():
 def test_lengths_must_match():
     with pytest.raises(FlatcliError, match="3 measure values but 2"):
         kendall([1, 2, 3], [1, 2])
+
+
+def test_without_scipy_one_line_says_how_to_install_it(monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def no_scipy(name, *args, **kw):
+        if name == "scipy" or name.startswith("scipy."):
+            raise ImportError(name)
+        return real(name, *args, **kw)
+    monkeypatch.setattr(builtins, "__import__", no_scipy)
+    with pytest.raises(FlatcliError, match=r"flatcli\[stats\]"):
+        kendall([1, 2, 3], [1, 2, 3])

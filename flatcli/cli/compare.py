@@ -52,6 +52,8 @@ def run(settings, notes: list[str], common: pipeline.Common, plot: Optional[Path
     check_output_target(None if plot is None else str(plot), "--plot")
     if plot is not None:
         _matplotlib()
+    from flatcli.measure.rank import require_scipy
+    require_scipy()
     dist, dev, console = start(common.device, common.threads)
     team = parallel.SOLO if dist is None else pipeline.team_of(dist)
     loaded = pipeline.load_checkpoints(common)

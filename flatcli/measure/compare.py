@@ -161,6 +161,7 @@ def measure(subjects, settings: CompareSettings, *, callback=None, count: int | 
     """``compare`` with its options already validated. ``subjects`` may be an iterator (each subject is used
     once, in order) when ``count`` says how many it yields."""
     s = settings
+    rank.require_scipy()  # before any work
     if count is None:
         subjects = list(subjects)
         count = len(subjects)

@@ -33,6 +33,16 @@ class Granulated:
     groups: dict  # {name: number of groups averaged}
 
 
+def require_scipy():
+    """scipy.stats, or a FlatcliError saying how to install it (it is the optional ``stats`` extra)."""
+    try:
+        import scipy.stats
+    except ImportError:
+        raise FlatcliError("rank correlations need scipy, which is not installed",
+                           "pip install 'flatcli[stats]' (or pip install scipy)") from None
+    return scipy.stats
+
+
 def _pairs(x: Sequence[float], y: Sequence[float]):
     if len(x) != len(y):
         raise FlatcliError(f"{len(x)} measure values but {len(y)} targets", "pass one of each per checkpoint")
@@ -52,14 +62,12 @@ def _correlate(fn, x, y) -> Correlation:
 
 def kendall(x: Sequence[float], y: Sequence[float]) -> Correlation:
     """Kendall τ-b of x against y and its two-sided p-value (``scipy.stats.kendalltau``)."""
-    from scipy.stats import kendalltau
-    return _correlate(kendalltau, x, y)
+    return _correlate(require_scipy().kendalltau, x, y)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> Correlation:
     """Spearman ρ of x against y and its two-sided p-value (``scipy.stats.spearmanr``)."""
-    from scipy.stats import spearmanr
-    return _correlate(spearmanr, x, y)
+    return _correlate(require_scipy().spearmanr, x, y)
 
 
 def varying(hypers: Sequence[dict], ignore: Sequence[str] = ("seed",)) -> list[str]:
