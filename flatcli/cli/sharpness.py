@@ -53,8 +53,7 @@ def sharpness(
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass.")] = 1000,
     loss: Annotated[Optional[Loss], typer.Option(help="Loss L (default: the checkpoint's loss).", show_default=False)] = None,
 ):
-    """Adaptive sharpness: how much the loss can rise (worst case) or does rise on average (average case) when
-    the weights move by ρ relative to their size.
+    """Adaptive sharpness: how much the loss can rise (worst case) or does rise (average case) when the weights move by ρ relative to their size.
 
     Higher means sharper. Example: flatcli sharpness runs/sgd runs/esgd --rho 0.05,0.1 --kind both
     """
