@@ -151,3 +151,24 @@ def test_bad_settings_are_named(regression, kw, fragment):
     model, x, y, *_ = regression
     with pytest.raises(FlatcliError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         sharpness(model, (x, y), **{"rho": 0.1, **kw})
+
+
+@pytest.mark.parametrize("adaptive,rho", [(False, 0.8), (True, 0.6)])
+def test_worst_case_of_a_nonlinear_two_parameter_net_meets_a_grid_search(adaptive, rho):
+    """tanh(w x + b) with the mse loss, away from a minimum: the exact max over the disk by a polar grid."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 1, generator=g, dtype=torch.float64)
+    y = torch.tanh(1.5 * x - 0.2) + 0.1 * torch.randn(50, 1, generator=g, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(1, 1), nn.Tanh()).double()
+    with torch.no_grad():
+        model[0].weight.fill_(0.9)
+        model[0].bias.fill_(0.3)
+    w0 = torch.tensor([0.9, 0.3], dtype=torch.float64)
+    c = w0.abs() if adaptive else torch.ones(2, dtype=torch.float64)
+    r = torch.linspace(0, rho, 201, dtype=torch.float64)[:, None]
+    t = torch.linspace(0, 2 * torch.pi, 1441, dtype=torch.float64)[None]
+    w, b = w0[0] + c[0] * r * torch.cos(t), w0[1] + c[1] * r * torch.sin(t)  # (201, 1441)
+    losses = ((torch.tanh(w[..., None] * x[:, 0] + b[..., None]) - y[:, 0]) ** 2).mean(-1)
+    exact = float(losses.max() - losses[0, 0])
+    got = sharpness(model, (x, y), rho, adaptive=adaptive, loss="mse", restarts=2).points[0].sharpness
+    assert 0.99 * exact <= got <= exact * (1 + 1e-4) + 1e-6, (got, exact)
