@@ -63,3 +63,11 @@ def test_without_scipy_one_line_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_scipy)
     with pytest.raises(FlatcliError, match=r"flatcli\[stats\]"):
         kendall([1, 2, 3], [1, 2, 3])
+
+
+def test_library_calls_are_exported_lazily():
+    import flatcli
+    from flatcli.measure.compare import compare
+    from flatcli.measure.pac_bayes import pac_bayes_sigma
+    from flatcli.measure.sharpness import sharpness
+    assert (flatcli.sharpness, flatcli.pac_bayes_sigma, flatcli.compare) == (sharpness, pac_bayes_sigma, compare)
