@@ -5,10 +5,13 @@ import typer
 
 import flatcli
 from flatcli.cli.common import FlatcliCommand, FlatcliGroup
+from flatcli.cli.compare import compare
 from flatcli.cli.info import info
 from flatcli.cli.local_energy import local_energy
 from flatcli.cli.local_entropy import local_entropy
+from flatcli.cli.pac_bayes import pac_bayes
 from flatcli.cli.plot import plot
+from flatcli.cli.sharpness import sharpness
 from flatcli.cli.train import train
 
 app = typer.Typer(cls=FlatcliGroup, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -30,5 +33,6 @@ def root(version: Annotated[bool, typer.Option("--version", callback=version_cal
 
 
 for name, command in (("train", train), ("info", info), ("local-energy", local_energy),
-                      ("local-entropy", local_entropy), ("plot", plot)):
+                      ("local-entropy", local_entropy), ("sharpness", sharpness), ("pac-bayes", pac_bayes),
+                      ("compare", compare), ("plot", plot)):
     app.command(name, cls=FlatcliCommand)(command)
