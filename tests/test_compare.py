@@ -168,13 +168,13 @@ SHRINK = {"--epochs 30": "--steps 6", "--n-train 2000": "--n-train 128", "--n-te
           "--width 32": "--width 8"}
 
 
-def test_the_drafted_worked_example_runs_as_written(tmp_path, monkeypatch):
-    """The README draft's command lines, expanded by bash itself (flatcli stubbed to print its arguments), then run
+def test_the_readmes_worked_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's command lines, expanded by bash itself (flatcli stubbed to print its arguments), then run
     in-process with the training budget and data shrunk; the compare line is taken as it is."""
     import glob
     import subprocess
     from pathlib import Path
-    text = (Path(__file__).resolve().parents[1] / "docs" / "drafts" / "sharpness.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = text.split("### A worked example", 1)[1].split("```", 1)[0]
     script = "\n".join(line[4:] for line in block.splitlines() if line.startswith("    "))
     assert script.count("flatcli train") == 3 and "flatcli compare runs/*" in script
