@@ -94,10 +94,38 @@ def test_hvp_equals_the_exact_hessian_times_v_summed_over_chunks(method):
     assert matvec(v.float()).dtype == torch.float32
 
 
-def test_auto_picks_forward_over_reverse_for_a_plain_net():
+class OwnTanh(torch.autograd.Function):
+    """tanh with a hand-written backward and no forward-mode rule: torch.func.jvp cannot run it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (1 - torch.tanh(x) ** 2)  # differentiable again: double backward works
+
+
+class OwnTanhNet(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net[2](OwnTanh.apply(self.net[0](x)))
+
+
+def test_auto_falls_back_to_double_backward_when_torch_func_cannot_run_the_model():
     model, x, y = mlp_and_data()
-    matvec, _ = hvp_function(model, (x, y), "cross-entropy", batch_size=100)
-    assert matvec.method == "func"
+    H = exact_hessian(model, x, y, nn.functional.cross_entropy)
+    matvec, dim = hvp_function(OwnTanhNet(model), (x, y), "cross-entropy", batch_size=16)
+    assert matvec.method == "double-backward"
+    v = torch.randn(dim, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(matvec(v), H @ v, rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception):
+        hvp_function(OwnTanhNet(model), (x, y), "cross-entropy", batch_size=16, method="func")[0](v)
 
 
 def test_lanczos_on_hvp_finds_the_exact_hessian_extremes():

@@ -14,10 +14,12 @@ Krylov method: of an eigenvalue repeated exactly, only one copy is found.
 
 ``hvp_function`` gives v ↦ H v for H the Hessian of the MEAN loss over all examples, w.r.t. all parameters
 flattened in ``model.parameters()`` order: forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``)
-where the model allows it, double backward otherwise, one data chunk at a time (memory: one chunk's graph).
+or double backward (whichever a timed trial finds faster, double backward if torch.func cannot run the
+model), one data chunk at a time (memory: one chunk's graph).
 Chunks are summed in float64. Under a team (``flatcli.parallel``) process r computes the chunks c ≡ r (mod
 world) and the partial sums are added over processes: the product equals one process's up to float64 sum order.
 """
+import time
 from typing import Callable
 
 import torch
@@ -39,7 +41,8 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], dim: int, k, which: 
     k may be an int or a pair (k_largest, k_smallest); the largest come first (largest first), then the
     smallest (most negative first). tol: relative residual tolerance (module docstring). max_iters: Krylov
     dimension at most (default min(dim, 500)); the run stops early once every wanted pair has converged.
-    generator: draws the start vector (its device is the default ``device``). The basis is kept in ``dtype``.
+    generator: draws the start vector (its device is the default ``device``, where the basis is kept, in
+    ``dtype``; a CPU generator gives the same start vector on every device).
 
     Returns (eigenvalues (K,), eigenvectors (dim, K) with unit columns, iterations = products made, converged).
     """
@@ -50,7 +53,7 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], dim: int, k, which: 
         raise FlatcliError(f"max_iters={max_iters!r} allows no Lanczos step", "give max_iters an integer >= 1")
     Q = torch.zeros(dim, m_max, dtype=dtype, device=device)  # (N, m) the orthonormal Krylov basis
     alpha, beta = [], []  # T's diagonal and off-diagonal
-    q = torch.randn(dim, generator=generator, device=device, dtype=dtype)
+    q = _randn(dim, generator, device, dtype)
     Q[:, 0] = q / q.norm()
     for j in range(m_max):
         w = matvec(Q[:, j]).to(dtype)
@@ -121,9 +124,42 @@ def _pairs(Q, theta, S, top, bottom, iterations, converged):
     return theta[idx].to(Q.dtype), vectors, iterations, converged
 
 
+def lanczos_quadrature(matvec: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, steps: int):
+    """Gauss quadrature of the spectral measure of A seen from ``start``: (nodes (m,), weights (m,)), m ≤ steps.
+
+    vᵀ f(A) v / vᵀv ≈ Σ_j τ_j f(θ_j) with θ_j the eigenvalues of the m-step Lanczos tridiagonal T_m and τ_j
+    the squared first components of its eigenvectors (Golub & Meurant 2010); exact for polynomials f of
+    degree < 2m, and the weights sum to 1. Stops early at an invariant subspace (then exact for every f).
+    Full reorthogonalization in ``start``'s dtype. Used by stochastic Lanczos quadrature (Lin et al. 2016).
+    """
+    dim = start.numel()
+    m_max = min(steps, dim)
+    Q = torch.zeros(dim, m_max, dtype=start.dtype, device=start.device)  # (N, m)
+    Q[:, 0] = start / start.norm()
+    alpha, beta = [], []
+    for j in range(m_max):
+        w = matvec(Q[:, j]).to(start.dtype)
+        alpha.append(float(Q[:, j] @ w))
+        for _ in range(2):
+            w -= Q[:, :j + 1] @ (Q[:, :j + 1].T @ w)
+        b = float(w.norm())
+        if j + 1 == m_max or b <= 1e-10 * max(abs(a) for a in alpha + [1e-300]):
+            break
+        beta.append(b)
+        Q[:, j + 1] = w / b
+    theta, S = _ritz(alpha, beta)
+    return theta, S[0] ** 2
+
+
+def _randn(dim, generator, device, dtype):
+    """N(0, I) drawn where the generator lives (so a CPU generator gives the same start on any device)."""
+    at = generator.device if generator is not None else device
+    return torch.randn(dim, generator=generator, device=at, dtype=dtype).to(device)
+
+
 def _fresh(Q, generator, device, dtype):
     """A random vector orthogonal to the columns of Q."""
-    w = torch.randn(Q.shape[0], generator=generator, device=device, dtype=dtype)
+    w = _randn(Q.shape[0], generator, device, dtype)
     for _ in range(2):
         w -= Q @ (Q.T @ w)
     return w
@@ -136,8 +172,10 @@ def hvp_function(model: nn.Module, data, loss: str, batch_size: int, method: str
     length dim = number of parameters (any float dtype; the product comes back in v's dtype and device).
     The model runs in its current train/eval mode (callers set eval for BatchNorm) through
     ``torch.func.functional_call`` on detached copies of the parameters, so the model itself is never changed.
-    method: "func" (forward-over-reverse), "double-backward", or "auto" (func if a trial on the first
-    chunk runs, else double backward).
+    method: "func" (forward-over-reverse), "double-backward", or "auto": the faster of the two on a timed
+    trial on the first chunk (four chunk products; double backward when torch.func cannot run the model).
+    Forward-over-reverse needs less memory and wins on accelerators; on CPUs, and for tiny models where
+    torch.func's per-call overhead dominates, double backward is often faster.
     """
     from flatcli.measure._sweep import DataSource
     names = [n for n, _ in model.named_parameters()]
@@ -157,7 +195,7 @@ def hvp_function(model: nn.Module, data, loss: str, batch_size: int, method: str
 
     products = {"func": _func_hvp(chunk_loss), "double-backward": _autograd_hvp(chunk_loss)}
     if method == "auto":
-        method = "func" if _works(products["func"], params, chunks[0]) else "double-backward"
+        method = _fastest(products, params, chunks[0])
     product = products[method]
     team = parallel.current()
 
@@ -193,12 +231,20 @@ def _autograd_hvp(chunk_loss):
     return product
 
 
-def _works(product, params, chunk) -> bool:
-    """A trial of forward-over-reverse on two examples; any failure means: use double backward."""
+def _fastest(products: dict, params, chunk) -> str:
+    """The faster method on the first chunk (each timed on its second run, the first one warms up); "func"
+    only if it runs at all (an op without forward-mode AD, a model torch.func cannot trace: double backward)."""
     x, y = chunk
-    try:
-        with torch.enable_grad():
-            product(params, [torch.zeros_like(p) for p in params], x[:2], y[:2])
-        return True
-    except Exception:  # an op without forward-mode AD, a model torch.func cannot trace, ...
-        return False
+    zeros = [torch.zeros_like(p) for p in params]
+    times = {}
+    for name, product in products.items():
+        try:
+            with torch.enable_grad():
+                for _ in range(2):
+                    start = time.perf_counter()
+                    product(params, zeros, x, y)
+            times[name] = time.perf_counter() - start
+        except Exception:
+            if name != "func":  # double backward must work: a real error
+                raise
+    return min(times, key=times.get)
