@@ -5,6 +5,7 @@ import typer
 
 import flatcli
 from flatcli.cli.common import FlatcliCommand, FlatcliGroup
+from flatcli.cli.hessian import hessian
 from flatcli.cli.info import info
 from flatcli.cli.local_energy import local_energy
 from flatcli.cli.local_entropy import local_entropy
@@ -29,5 +30,5 @@ def root(version: Annotated[bool, typer.Option("--version", callback=version_cal
 
 
 for name, command in (("train", train), ("info", info), ("local-energy", local_energy),
-                      ("local-entropy", local_entropy)):
+                      ("local-entropy", local_entropy), ("hessian", hessian)):
     app.command(name, cls=FlatcliCommand)(command)

@@ -194,10 +194,10 @@ def hvp_function(model: nn.Module, data, loss: str, batch_size: int, method: str
         return per_example_loss(out, y, loss).sum() / n
 
     products = {"func": _func_hvp(chunk_loss), "double-backward": _autograd_hvp(chunk_loss)}
-    if method == "auto":
-        method = _fastest(products, params, chunks[0])
-    product = products[method]
     team = parallel.current()
+    if method == "auto":  # rank 0's choice everywhere: every process computes its chunks the same way
+        method = team.first(_fastest(products, params, chunks[0]))
+    product = products[method]
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
         vs = [t.view(s).to(p.dtype) for t, s, p in zip(v.to(params[0].device).split(sizes), shapes, params)]
@@ -224,8 +224,10 @@ def _autograd_hvp(chunk_loss):
     def product(params, vs, x, y):  # ∇(∇L · v)
         with torch.enable_grad():
             ps = [p.detach().requires_grad_(True) for p in params]
-            g = torch.autograd.grad(chunk_loss(ps, x, y), ps, create_graph=True)
-            dot = sum((gi * vi).sum() for gi, vi in zip(g, vs))
+            g = torch.autograd.grad(chunk_loss(ps, x, y), ps, create_graph=True, allow_unused=True)
+            dot = sum((gi * vi).sum() for gi, vi in zip(g, vs) if gi is not None and gi.requires_grad)
+            if not torch.is_tensor(dot):  # the loss is (locally) linear in every parameter used: H = 0
+                return [torch.zeros_like(p) for p in params]
             hv = torch.autograd.grad(dot, ps, allow_unused=True)
         return [torch.zeros_like(p) if h is None else h.detach() for h, p in zip(hv, params)]
     return product
