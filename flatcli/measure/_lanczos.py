@@ -15,7 +15,8 @@ Krylov method: of an eigenvalue repeated exactly, only one copy is found.
 ``hvp_function`` gives v ↦ H v for H the Hessian of the MEAN loss over all examples, w.r.t. all parameters
 flattened in ``model.parameters()`` order: forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``)
 or double backward (whichever a timed trial finds faster, double backward if torch.func cannot run the
-model), one data chunk at a time (memory: one chunk's graph).
+model), one data chunk at a time (memory: one chunk's graph; a process with a single chunk keeps its
+gradient's graph and reuses it for every product).
 Chunks are summed in float64. Under a team (``flatcli.parallel``) process r computes the chunks c ≡ r (mod
 world) and the partial sums are added over processes: the product equals one process's up to float64 sum order.
 """
@@ -193,8 +194,9 @@ def hvp_function(model: nn.Module, data, loss: str, batch_size: int, method: str
         out = torch.func.functional_call(model, ({**dict(zip(names, ps)), **buffers}), (x,))
         return per_example_loss(out, y, loss).sum() / n
 
-    products = {"func": _func_hvp(chunk_loss), "double-backward": _autograd_hvp(chunk_loss)}
     team = parallel.current()
+    one_chunk = len(team.mine(len(chunks))) == 1
+    products = {"func": _func_hvp(chunk_loss), "double-backward": _autograd_hvp(chunk_loss, keep_graph=one_chunk)}
     if method == "auto":  # rank 0's choice everywhere: every process computes its chunks the same way
         method = team.first(_fastest(products, params, chunks[0]))
     product = products[method]
@@ -220,15 +222,29 @@ def _func_hvp(chunk_loss):
     return product
 
 
-def _autograd_hvp(chunk_loss):
-    def product(params, vs, x, y):  # ∇(∇L · v)
+def _autograd_hvp(chunk_loss, keep_graph: bool = False):
+    """H v = ∇(∇L · v). keep_graph (when a process has one chunk): the gradient's graph is built once and
+    reused by every product, each then one backward pass through it (no forward pass), as PyHessian does."""
+    kept = {}
+
+    def gradient(params, x, y):
+        if id(x) in kept:
+            return kept[id(x)]
+        ps = [p.detach().requires_grad_(True) for p in params]
+        g = torch.autograd.grad(chunk_loss(ps, x, y), ps, create_graph=True, allow_unused=True)
+        used = [(gi, i) for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+        if keep_graph:
+            kept.clear()
+            kept[id(x)] = ps, used
+        return ps, used
+
+    def product(params, vs, x, y):
         with torch.enable_grad():
-            ps = [p.detach().requires_grad_(True) for p in params]
-            g = torch.autograd.grad(chunk_loss(ps, x, y), ps, create_graph=True, allow_unused=True)
-            dot = sum((gi * vi).sum() for gi, vi in zip(g, vs) if gi is not None and gi.requires_grad)
-            if not torch.is_tensor(dot):  # the loss is (locally) linear in every parameter used: H = 0
+            ps, used = gradient(params, x, y)
+            if not used:  # the loss is (locally) linear in every parameter: H = 0
                 return [torch.zeros_like(p) for p in params]
-            hv = torch.autograd.grad(dot, ps, allow_unused=True)
+            hv = torch.autograd.grad([gi for gi, _ in used], ps, grad_outputs=[vs[i] for _, i in used],
+                                     retain_graph=keep_graph, allow_unused=True)
         return [torch.zeros_like(p) if h is None else h.detach() for h, p in zip(hv, params)]
     return product
 
