@@ -234,3 +234,15 @@ def test_cli_csv_to_stdout_is_pure_csv_with_the_tidy_header(runs):
 ])
 def test_cli_user_mistakes_give_one_line(runs, args, fragment):
     assert_user_error(invoke("hessian", runs / "sgd", *args, "--device", "cpu"), fragment)
+
+
+def test_cli_plot_draws_the_density_and_needs_matplotlib(runs, tmp_path, monkeypatch):
+    path = tmp_path / "density.png"
+    args = ["hessian", runs / "sgd", "--no-trace", "--max-examples", "32", "--max-iters", "20", "--device", "cpu"]
+    result = invoke(*args, "--plot", path, "--csv", "-")
+    assert result.exit_code == 0, result.stderr
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sum(r["quantity"] == "density" for r in csv.DictReader(io.StringIO(result.stdout))) == 500  # implied
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if not installed
+    assert_user_error(invoke(*args, "--plot", tmp_path / "other.png"), "--plot needs matplotlib")
+    assert not (tmp_path / "other.png").exists()

@@ -3,6 +3,8 @@
 Everything else (checkpoints, data, progress, outputs, torchrun) is the measurement pipeline's.
 """
 import enum
+import os
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -33,6 +35,7 @@ def hessian(
     max_iters: Annotated[int, typer.Option(min=1, help="Lanczos steps at most (one Hessian-vector product each).")] = 100,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per chunk of each Hessian-vector product (memory).")] = 1000,
     loss: Annotated[Optional[Loss], typer.Option(help="Loss whose Hessian to take (default: the checkpoint's loss).", show_default=False)] = None,
+    plot: Annotated[Optional[str], typer.Option(help="Draw the density (implies --density) on a symmetric-log axis, top eigenvalues marked, to PATH (.png, .pdf, .svg); needs matplotlib.", show_default=False)] = None,
 ):
     """Hessian spectrum of the mean loss: top (and bottom) eigenvalues, trace ± sem, spectral density.
 
@@ -42,9 +45,49 @@ def hessian(
 
     Example: flatcli hessian runs/sgd runs/esgd --top-k 3 --max-examples 2000 --csv hessian.csv
     """
-    pipeline.run(HessianMeasurement(top_k, bottom_k, trace, density, probes, trace_method.value, tol, max_iters,
-                                    batch_size, loss.value if loss else None, common.seed, common.split.value),
-                 common)
+    if plot is not None:
+        check_plot_target(plot)
+    measurement = HessianMeasurement(top_k, bottom_k, trace, density or plot is not None, probes, trace_method.value,
+                                     tol, max_iters, batch_size, loss.value if loss else None, common.seed,
+                                     common.split.value)
+    pipeline.run(measurement, common)
+    if plot is not None and int(os.environ.get("RANK", "0")) == 0:
+        plot_density(plot, measurement.labels, measurement.results)
+
+
+def check_plot_target(path: str) -> None:
+    """Before any work: matplotlib is there and the file can be written."""
+    from flatcli.errors import FlatcliError
+    from flatcli.io import check_writable_dir
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise FlatcliError("--plot needs matplotlib, which is not installed",
+                           "pip install 'flatcli[plot]' (or matplotlib), or leave out --plot") from None
+    check_writable_dir(Path(path).resolve().parent, what=path)
+
+
+def plot_density(path: str, labels: list[str], results: list) -> None:
+    """One curve per checkpoint: φ(λ) on a symlog λ axis and a log density axis, top eigenvalues dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from flatcli.io import atomic_path
+    fig, ax = plt.subplots(figsize=(7, 4))
+    scale = max(max(abs(t) for t in r.density_grid) for r in results)
+    for i, (label, r) in enumerate(zip(labels, results)):
+        line, = ax.plot(r.density_grid, [max(d, 1e-12) for d in r.density], label=label)
+        for v in r.eigenvalues:
+            ax.axvline(v, color=line.get_color(), linestyle="--", linewidth=0.8)
+    ax.set_xscale("symlog", linthresh=max(scale * 1e-3, 1e-12))
+    ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue λ (dashed: top eigenvalues)")
+    ax.set_ylabel("density φ(λ)")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
 
 
 class HessianMeasurement:
@@ -72,6 +115,7 @@ class HessianMeasurement:
         return [{**r, "split": self.split} for r in result.records()]
 
     def render(self, labels, results, common):
+        self.labels, self.results = labels, results  # for --plot, drawn once everything is written
         s = results[0].settings
         columns = ["checkpoint", "loss", "λ (largest first)", "bottom λ", "trace ± sem", "N", "HVPs"]
         rows = [[label, fmt(r.loss), ", ".join(fmt(v) for v in r.eigenvalues) or "—",
