@@ -93,7 +93,7 @@ def patch_pyhessian():
         torch.eig = eig
 
 
-def pyhessian_worker(path: str, ref: float) -> dict:
+def pyhessian_worker(path: str, ref: float, top_only: bool) -> dict:
     patch_pyhessian()
     from pyhessian import hessian
     saved = torch.load(path)
@@ -112,6 +112,8 @@ def pyhessian_worker(path: str, ref: float) -> dict:
         if abs(values[0] - ref) <= 1e-3 * abs(ref) or tol < 1e-6:
             break
         tol /= 10
+    if top_only:
+        return out
     start = time.perf_counter()
     h = hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
     pilot = h.trace(maxIter=PILOT, tol=0.0)
@@ -129,7 +131,7 @@ def pyhessian_worker(path: str, ref: float) -> dict:
 
 # -- flatcli side ----------------------------------------------------------------------------------------------
 
-def flatcli_side(model, x, y):
+def flatcli_side(model, x, y, top_only: bool):
     from flatcli.measure.hessian import hessian_spectrum
     start = time.perf_counter()
     ref = hessian_spectrum(model, (x, y), top_k=1, trace=False, tol=1e-7, max_iters=300, batch_size=len(x))
@@ -138,6 +140,8 @@ def flatcli_side(model, x, y):
     start = time.perf_counter()
     top = hessian_spectrum(model, (x, y), top_k=1, trace=False, tol=1e-3, batch_size=len(x))
     out["top"] = {"seconds": time.perf_counter() - start, "value": top.eigenvalues[0], "hvps": top.hvps}
+    if top_only:
+        return out
     probes = 60
     while True:
         start = time.perf_counter()
@@ -160,19 +164,21 @@ def main():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--pyhessian-python", default="/work/venvs/pyhessian/bin/python")
+    p.add_argument("--top-only", action="store_true", help="time the top eigenvalue only (a few minutes)")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # PATH REF: the PyHessian side
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if a.worker:
-        print(json.dumps(pyhessian_worker(a.worker[0], float(a.worker[1]))))
+        print(json.dumps(pyhessian_worker(a.worker[0], float(a.worker[1]), a.top_only)))
         return
     model, x, y = make_problem(a.batch)
-    ours = flatcli_side(model, x, y)
+    ours = flatcli_side(model, x, y, a.top_only)
     ref = ours["reference"]["value"]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "problem.pt")
         torch.save({"state": model.state_dict(), "x": x, "y": y}, path)
-        run = subprocess.run([a.pyhessian_python, __file__, "--threads", str(a.threads), "--worker", path, repr(ref)],
+        run = subprocess.run([a.pyhessian_python, __file__, "--threads", str(a.threads), "--worker", path, repr(ref)]
+                             + ["--top-only"] * a.top_only,
                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
     if run.returncode:
         sys.exit(f"PyHessian failed:\n{run.stderr[-3000:]}")
@@ -184,8 +190,6 @@ def report(a, ours, theirs, ref):
     ph_top = theirs["top_runs"][-1]
     ph_top_seconds = sum(r["seconds"] for r in theirs["top_runs"])
     rel = lambda v: abs(v - ref) / abs(ref)
-    t1, t2 = ours["trace"], theirs["trace"]
-    z = abs(t1["value"] - t2["value"]) / math.hypot(t1["sem"], t2["sem"])
     print(f"machine: {machine()}")
     print(f"problem: ResNet-20 (269,722 weights), {a.batch} CIFAR-shaped random examples, cross-entropy, BN eval")
     print(f"reference λ_max = {ref:.8g} (flatcli Lanczos, tol 1e-7, residual {ours['reference']['residual']:.2g}, "
@@ -195,10 +199,14 @@ def report(a, ours, theirs, ref):
           + ", ".join(f"{r['tol']:g}: {r['seconds']:.1f} s, rel. error {rel(r['value']):.1e}"
                       for r in theirs["top_runs"])
           + f") · ratio flatcli/PyHessian {ours['top']['seconds'] / ph_top_seconds:.2f}")
-    print(f"trace to 1% sem: flatcli Hutch++ {t1['value']:.5g} ± {t1['sem']:.2g} ({t1['probes']} HVPs, "
-          f"{t1['seconds']:.1f} s) · PyHessian Hutchinson {t2['value']:.5g} ± {t2['sem']:.2g} from {t2['run']} HVPs; "
-          f"1% needs {t2['probes']} HVPs, {t2['seconds']:.1f} s"
-          f"{' (extrapolated from the time per probe)' if t2['extrapolated'] else ''} · ratio {t1['seconds'] / t2['seconds']:.2f} · difference {z:.1f} combined sem")
+    z = 0.0
+    if "trace" in ours:
+        t1, t2 = ours["trace"], theirs["trace"]
+        z = abs(t1["value"] - t2["value"]) / math.hypot(t1["sem"], t2["sem"])
+        print(f"trace to 1% sem: flatcli Hutch++ {t1['value']:.5g} ± {t1['sem']:.2g} ({t1['probes']} HVPs, "
+              f"{t1['seconds']:.1f} s) · PyHessian Hutchinson {t2['value']:.5g} ± {t2['sem']:.2g} from {t2['run']} HVPs; "
+              f"1% needs {t2['probes']} HVPs, {t2['seconds']:.1f} s"
+              f"{' (extrapolated from the time per probe)' if t2['extrapolated'] else ''} · ratio {t1['seconds'] / t2['seconds']:.2f} · difference {z:.1f} combined sem")
     agree = rel(ours["top"]["value"]) <= 1e-3 and rel(ph_top["value"]) <= 1e-3 and z <= 3
     print("values agree" if agree else "VALUES DISAGREE")
     if not agree:

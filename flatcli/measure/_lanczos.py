@@ -14,8 +14,8 @@ Krylov method: of an eigenvalue repeated exactly, only one copy is found.
 
 ``hvp_function`` gives v ↦ H v for H the Hessian of the MEAN loss over all examples, w.r.t. all parameters
 flattened in ``model.parameters()`` order: forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``)
-or double backward (whichever a timed trial finds faster, double backward if torch.func cannot run the
-model), one data chunk at a time (memory: one chunk's graph; a process with a single chunk keeps its
+or double backward (module docstring of ``hvp_function``: whichever does less work or a timed trial finds
+faster), one data chunk at a time (memory: one chunk's graph; a process with a single chunk keeps its
 gradient's graph and reuses it for every product).
 Chunks are summed in float64. Under a team (``flatcli.parallel``) process r computes the chunks c ≡ r (mod
 world) and the partial sums are added over processes: the product equals one process's up to float64 sum order.
@@ -173,8 +173,9 @@ def hvp_function(model: nn.Module, data, loss: str, batch_size: int, method: str
     length dim = number of parameters (any float dtype; the product comes back in v's dtype and device).
     The model runs in its current train/eval mode (callers set eval for BatchNorm) through
     ``torch.func.functional_call`` on detached copies of the parameters, so the model itself is never changed.
-    method: "func" (forward-over-reverse), "double-backward", or "auto": the faster of the two on a timed
-    trial on the first chunk (four chunk products; double backward when torch.func cannot run the model).
+    method: "func" (forward-over-reverse), "double-backward", or "auto": with one chunk per process, double
+    backward through the kept graph (one backward pass per product); with several, the faster of the two on
+    a timed trial on the first chunk (four chunk products; double backward when torch.func cannot run it).
     Forward-over-reverse needs less memory and wins on accelerators; on CPUs, and for tiny models where
     torch.func's per-call overhead dominates, double backward is often faster.
     """
@@ -197,7 +198,9 @@ def hvp_function(model: nn.Module, data, loss: str, batch_size: int, method: str
     team = parallel.current()
     one_chunk = len(team.mine(len(chunks))) == 1
     products = {"func": _func_hvp(chunk_loss), "double-backward": _autograd_hvp(chunk_loss, keep_graph=one_chunk)}
-    if method == "auto":  # rank 0's choice everywhere: every process computes its chunks the same way
+    if method == "auto" and one_chunk:  # one backward pass per product through the kept graph: the least work
+        method = "double-backward"
+    elif method == "auto":  # rank 0's choice everywhere: every process computes its chunks the same way
         method = team.first(_fastest(products, params, chunks[0]))
     product = products[method]
 
