@@ -6,6 +6,7 @@ import typer
 import flatcli
 from flatcli.cli.common import FlatcliCommand, FlatcliGroup
 from flatcli.cli.compare import compare
+from flatcli.cli.hessian import hessian
 from flatcli.cli.info import info
 from flatcli.cli.local_energy import local_energy
 from flatcli.cli.local_entropy import local_entropy
@@ -33,6 +34,6 @@ def root(version: Annotated[bool, typer.Option("--version", callback=version_cal
 
 
 for name, command in (("train", train), ("info", info), ("local-energy", local_energy),
-                      ("local-entropy", local_entropy), ("sharpness", sharpness), ("pac-bayes", pac_bayes),
+                      ("local-entropy", local_entropy), ("hessian", hessian), ("sharpness", sharpness), ("pac-bayes", pac_bayes),
                       ("compare", compare), ("plot", plot)):
     app.command(name, cls=FlatcliCommand)(command)
