@@ -133,13 +133,19 @@ def fits_in_memory(nbytes: int) -> bool:
 
 def stats(split: StreamedSplit, normalize: str, seed: int) -> tuple[Tensor | None, Tensor | None]:
     """(mean, std) (C, 1, 1) in [0, 1] pixel units: ImageNet's, none (x / 255), or from a seeded sample."""
-    from flatcli.data.core import channel_stats
     if normalize == "none":  # x / 255, as Split and StreamedSplit compute it with mean 0, std 1
         return torch.zeros(3, 1, 1), torch.ones(3, 1, 1)
     if normalize == "imagenet":
         return torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     sample = split.subset(STATS_IMAGES, torch.Generator().manual_seed(seed))
-    return channel_stats(sample.read(), chunk=32)  # float64 32 images at a time: memory stays that of the uint8 sample
+    s1 = s2 = count = 0
+    for start in range(0, len(sample), 64):  # 64 images at a time: memory does not grow with the sample
+        part = sample.read(torch.arange(start, min(start + 64, len(sample)))).to(torch.float64) / 255
+        s1, s2 = s1 + part.sum((0, 2, 3)), s2 + part.pow(2).sum((0, 2, 3))
+        count += part.numel() // part.shape[1]
+    mean = s1 / count
+    std = (s2 / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1 / 255)  # as channel_stats computes them
+    return mean.float().view(-1, 1, 1), std.float().view(-1, 1, 1)
 
 
 def check_stream_options(in_memory: str, resize, crop, normalize: str, workers: int) -> None:
