@@ -52,7 +52,7 @@ def load_torch_state(path) -> dict:
                            "the file is damaged: start a fresh run") from None
 
 
-CODE_REGISTRIES = ("tv:",)  # model names with a colon that name a registry, not code to import
+CODE_REGISTRIES = ("tv:", "committee:")  # model names with a colon that name a registry, not code to import
 
 
 def is_code_model(name: str) -> bool:

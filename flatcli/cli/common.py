@@ -148,12 +148,17 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, 
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random draw; the same seed gives the same result.")]
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", help="Architecture: linear, mlp, lenet, convnet, resnet20, resnet110, resnet18, tv:NAME "
-                    "(any torchvision model) or module:function (your own factory).")]
+                    "(any torchvision model), committee:K[:binary] (a committee machine of K sign units, K odd) "
+                    "or module:function (your own factory).")]
 WidthOpt = Annotated[int, typer.Option("--width", min=1, help="Hidden width of the mlp.")]
 DepthOpt = Annotated[int, typer.Option("--depth", min=1, help="Hidden layers of the mlp.")]
 DataOpt = Annotated[Optional[str], typer.Option(
     "--data", help="teacher (synthetic, embedded), mnist, fashion-mnist, cifar10, cifar100, imagefolder:PATH, "
                    "or a tensors file (.npz, .safetensors, .pt with x, y[, x_test, y_test]).")]
+ClassesOpt = Annotated[Optional[str], typer.Option(
+    "--classes", metavar="A,B", show_default=False,
+    help="A binary task: keep only classes A and B of the data, relabelled 0 and 1 (measurements: default the "
+         "checkpoint's own).")]
 DataDirOpt = Annotated[Path, typer.Option("--data-dir", help="Where torchvision data sets are stored or downloaded.")]
 TrustPickleOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow loading a whole pickled model. Unpickling runs code from the file: only for files you trust.")]

@@ -22,7 +22,7 @@ from typing import Annotated, Optional, Protocol, Sequence
 import typer
 
 import flatcli
-from flatcli.cli.common import (DataDirOpt, DataOpt, DepthOpt, DeviceOpt, ModelOpt, ReplicaOpt, SeedOpt,
+from flatcli.cli.common import (ClassesOpt, DataDirOpt, DataOpt, DepthOpt, DeviceOpt, ModelOpt, ReplicaOpt, SeedOpt,
                                 ThreadsOpt, TrustPickleOpt, WidthOpt, check_output_target, parse_replica, start,
                                 to_json, write_output)
 from flatcli.errors import FlatcliError
@@ -61,6 +61,7 @@ class Common:
     depth: int = 2
     data: Optional[str] = None
     data_dir: Path = Path("data")
+    classes: Optional[str] = None
     trust_pickle: bool = False
     replica: str = "center"
     csv_out: Optional[str] = None
@@ -69,7 +70,7 @@ class Common:
 
 _COMMON_TYPES = {"checkpoints": CheckpointsArg, "split": SplitOpt, "max_examples": MaxExamplesOpt,
                  "seed": SeedOpt, "device": DeviceOpt, "threads": ThreadsOpt, "model": ModelOpt,
-                 "width": WidthOpt, "depth": DepthOpt, "data": DataOpt, "data_dir": DataDirOpt,
+                 "width": WidthOpt, "depth": DepthOpt, "data": DataOpt, "data_dir": DataDirOpt, "classes": ClassesOpt,
                  "trust_pickle": TrustPickleOpt, "replica": ReplicaOpt, "csv_out": CsvOpt, "json_out": JsonOpt}
 
 
@@ -173,13 +174,15 @@ def check_outputs(csv_path: Optional[str], json_path: Optional[str]) -> None:
 def load_checkpoints(common: Common) -> list:
     """Every checkpoint through the shared loader, data sets read once (one DataCache), all checked up front."""
     from flatcli.cli.options import data_spec_of, model_spec_of
+    from flatcli.data.core import parse_classes
     from flatcli.loading import DataCache, load_checkpoint
 
     cache, replica = DataCache(), parse_replica(common.replica)
     model_spec, data_spec = model_spec_of(common.model, common.width, common.depth), \
         data_spec_of(common.data, common.data_dir)
     return [load_checkpoint(p, model_spec=model_spec, data_spec=data_spec, trust_pickle=common.trust_pickle,
-                            replica=replica, cache=cache) for p in common.checkpoints]
+                            replica=replica, cache=cache, classes=parse_classes(common.classes))
+            for p in common.checkpoints]
 
 
 @dataclass

@@ -11,6 +11,9 @@ Names (``MODEL_NAMES``), with what ``width`` and ``depth`` mean for each:
 - ``resnet18``: the CIFAR-style ResNet-18 (64-128-256-512, option-B shortcuts). ResNets ignore width, depth.
 - ``tv:NAME``: any torchvision classification model, untrained, with ``num_classes`` outputs; its first
   convolution is rebuilt for the images' channel count when that is not 3. Ignores width, depth.
+- ``committee:K``, ``committee:K:binary``: a committee machine of K (odd) sign units and a majority vote,
+  continuous or ±1 weights, no biases, two logits (−s, +s) for a binary task (see ``flatcli.models.committee``).
+  Ignores width, depth.
 - ``module:function``: the user's own factory, imported from the current directory or PYTHONPATH and called
   with ``num_classes=`` when it accepts it. Ignores width, depth.
 
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 
 from flatcli.errors import FlatcliError
-from flatcli.models import external, resnet, small
+from flatcli.models import committee, external, resnet, small
 
 MODEL_NAMES = ("linear", "mlp", "lenet", "convnet", "resnet20", "resnet110", "resnet18")
 IMAGE_MODELS = {"lenet": 16, "convnet": 8, "resnet20": 1, "resnet110": 1, "resnet18": 1}  # name → least H, W
@@ -64,7 +67,8 @@ class ModelSpec:
 
 def describe_names() -> str:
     """The valid model names, for error messages."""
-    return ", ".join(MODEL_NAMES) + ", tv:NAME (a torchvision model), module:function (your own factory)"
+    return ", ".join(MODEL_NAMES) + (", tv:NAME (a torchvision model), committee:K[:binary] (a committee machine), "
+                                     "module:function (your own factory)")
 
 
 def image_shape(name: str, input_shape: tuple[int, ...], least: int) -> tuple[int, int, int]:
@@ -120,6 +124,8 @@ def make(spec: ModelSpec, input_shape: tuple[int, ...], num_outputs: int) -> nn.
     if name.startswith("tv:"):
         channels, _, _ = image_shape(name, input_shape, 1)
         return external.torchvision_model(name[3:], channels, num_outputs)
+    if name.startswith(committee.PREFIX):
+        return committee.committee(name, input_shape, num_outputs)
     if ":" in name:
         return external.user_model(name, num_outputs)
     if name == "linear":
