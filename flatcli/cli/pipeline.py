@@ -130,6 +130,8 @@ def run(measurement: Measurement, common: Common) -> None:
     inputs = InputMaker(common.split.value, common.max_examples, common.seed, dev,
                         bn_examples=measurement.bn_examples)
     inputs.check(loaded)
+    if hasattr(measurement, "check"):  # optional: a measurement's own checks of every checkpoint, before any output
+        measurement.check(loaded, inputs)
     examples = [inputs.examples(c) for c in loaded]
     settings = settings_dict(measurement.name, loaded, common, dev, dist, **measurement.settings(examples))
     console.print(settings_line(settings))
