@@ -109,14 +109,15 @@ def measure(o, out: Path, runs: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def summarize(o, runs, energy, entropy) -> None:
-    """Adds S(d*), δε(σ*) and whether every BP point converged to each run."""
+    """Adds S(d*) (interpolated between converged BP points), δε(σ*) and how many BP points converged."""
     for r in runs:
         label = str(Path("runs") / r["run"])
         mine_e = [row for row in energy if Path(row["checkpoint"]).name == r["run"]]
         mine_s = [row for row in entropy if Path(row["checkpoint"]).name == r["run"]]
         r["delta_error"] = at([x["sigma"] for x in mine_e], [x["delta_error"] for x in mine_e], o.sigma_star)
-        r["entropy"] = at([x["distance"] for x in mine_s], [x["local_entropy"] for x in mine_s], o.d_star)
-        r["converged"] = all(x["converged"] == "True" for x in mine_s) if mine_s else None
+        good = [x for x in mine_s if x["converged"] == "True"]  # S(d*) from converged fixed points only
+        r["entropy"] = at([x["distance"] for x in good], [x["local_entropy"] for x in good], o.d_star)
+        r["converged"] = f"{len(good)}/{len(mine_s)}" if mine_s else None
         r["label"] = label
 
 
@@ -130,7 +131,7 @@ def report(o, runs) -> str:
              f"eSGD langevin-lr {o.langevin_lr:g}), seeds "
              f"{','.join(map(str, o.seeds))}. S(d*) at d* = {o.d_star:g} (per weight, BP), δε(σ*) at "
              f"σ* = {o.sigma_star:g} (multiplicative noise, {o.samples} draws).", "",
-             "| run | train error | test error | S(d*) | δε(σ*) | BP converged |", "|---|---|---|---|---|---|"]
+             "| run | train error | test error | S(d*) | δε(σ*) | BP points converged |", "|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r['run']} | {fmt(r['train_error'])} | {fmt(r['test_error'])} | {fmt(r['entropy'])} | "
                      f"{fmt(r['delta_error'])} | {'—' if r['converged'] is None else r['converged']} |")
