@@ -21,9 +21,8 @@ class Problem:
     ref: Tensor    # (N, K) the reference w̃ (continuous: each column scaled to |w̃_k|² = N)
     binary: bool
 
-    @property
-    def F2(self) -> Tensor:
-        return self.F * self.F
+    def __post_init__(self):
+        self.F2 = self.F * self.F  # (P, N), computed once for the whole sweep
 
 
 @dataclass
