@@ -1,6 +1,6 @@
 """Turn any checkpoint into (model, data) ready to measure: the loader shared by info and the measurements."""
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -39,14 +39,16 @@ def default_loss(data: Data) -> str:
 
 def load_checkpoint(path, *, model_spec: ModelSpec | None = None, data_spec: DataSpec | None = None,
                     loss: str | None = None, trust_pickle: bool = False, replica=None,
-                    cache: DataCache | None = None, reading: dict | None = None) -> Loaded:
+                    cache: DataCache | None = None, reading: dict | None = None,
+                    classes: tuple[int, int] | None = None) -> Loaded:
     """Any supported checkpoint → a model with its weights and the data to measure it on.
 
     A flatcli run describes itself (its model and data; ``data_spec`` may still override the data, and a
     ``model_spec`` must name the run's own model). A foreign state dict needs ``model_spec`` and ``data_spec``;
     a TorchScript or (trusted) pickled module needs ``data_spec``. Metadata is data: it selects built-in
     models and data sets, but never imports code (a ``module:function`` model only when ``model_spec`` names
-    it), downloads or creates anything.
+    it), downloads or creates anything. ``classes`` = (A, B) replaces the data's class selection (a binary
+    task of classes A → 0, B → 1; see ``DataSpec``); None keeps the run's own.
     """
     raw = read_checkpoint(path, trust_pickle=trust_pickle)
     meta, download = raw.meta, True
@@ -63,6 +65,8 @@ def load_checkpoint(path, *, model_spec: ModelSpec | None = None, data_spec: Dat
         missing = [f"--{k}" for k, v in (("model", model_spec), ("data", data_spec)) if v is None
                    and not (k == "model" and raw.module is not None)]
         raise FlatcliError(f"{str(path)!r} does not describe its model and data", f"pass {' and '.join(missing)}")
+    if classes is not None:
+        data_spec = replace(data_spec, classes=classes)
     data = (cache or DataCache()).get(data_spec, download=download)
     if raw.module is not None:
         if replica not in (None, "center"):

@@ -148,7 +148,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, 
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random draw; the same seed gives the same result.")]
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", help="Architecture: linear, mlp, lenet, convnet, resnet20, resnet110, resnet18, tv:NAME "
-                    "(any torchvision model), timm:NAME (timm extra), hf:FOLDER (a local Hugging Face image classifier; hf extra) "
+                    "(any torchvision model), committee:K[:binary] (a committee machine of K sign units, K odd), timm:NAME (timm extra), hf:FOLDER (a local Hugging Face image classifier; hf extra) "
                     "or module:function (your own factory).")]
 WidthOpt = Annotated[int, typer.Option("--width", min=1, help="Hidden width of the mlp.")]
 DepthOpt = Annotated[int, typer.Option("--depth", min=1, help="Hidden layers of the mlp.")]
@@ -167,6 +167,10 @@ class Normalize(str, enum.Enum):
     none = "none"
 
 
+ClassesOpt = Annotated[Optional[str], typer.Option(
+    "--classes", metavar="A,B", show_default=False,
+    help="A binary task: keep only classes A and B of the data, relabelled 0 and 1 (measurements: default the "
+         "checkpoint's own).")]
 DataDirOpt = Annotated[Path, typer.Option("--data-dir", help="Where torchvision data sets are stored or downloaded.")]
 InMemoryOpt = Annotated[InMemory, typer.Option(
     "--in-memory", help="Image folders: yes reads every image up front (fastest), no reads images when used "

@@ -7,8 +7,11 @@ from typing import Annotated, Optional
 import typer
 
 from flatcli.cli import pipeline
+from flatcli.cli.bp_local_entropy import (BPItersOpt, BPTolOpt, CouplingsOpt, DampingOpt, DistancesOpt, reject_bp_options,
+                                         run_bp)
 from flatcli.cli.common import Loss
 from flatcli.cli.render import fmt, plus_minus, table
+from flatcli.errors import FlatcliError
 
 DEFAULT_GAMMAS = "0.3,1,3,10,30,100,300"
 COLUMNS = ["gamma", "local_entropy", "local_entropy_sem", "distance", "loss_mean", "error_mean",
@@ -28,13 +31,26 @@ def local_entropy(
     langevin_lr: Annotated[Optional[float], typer.Option(help="A fixed Langevin step η at every γ (default: c/(curvature + γ), each chain tuning c toward 60% acceptance during burn-in).", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Minibatch for SGLD (default: all the examples: full-batch Langevin with a Metropolis correction, MALA, which is exact).", show_default=False)] = None,
     loss: Annotated[Optional[Loss], typer.Option(help="Loss L of the energy βL (default: the checkpoint's loss).", show_default=False)] = None,
+    method: Annotated[str, typer.Option(help="langevin (any network: Langevin chains, MATH.md §2) or bp (committee machines: belief propagation, MATH.md §7; the Langevin options are then unused).")] = "langevin",
+    couplings: CouplingsOpt = None,
+    distances: DistancesOpt = None,
+    damping: DampingOpt = 0.5,
+    bp_tolerance: BPTolOpt = 1e-7,
+    bp_iters: BPItersOpt = 2000,
 ):
     """Local entropy s(γ): the log-volume of low-loss weights around the checkpoint, per parameter, relative to a flat landscape.
 
     0 for a flat landscape, negative around a curved minimum: closer to 0 is flatter. Compare checkpoints at the same γ, β and examples; several checkpoints are measured side by side with the same settings.
 
     Example: flatcli local-entropy runs/sgd runs/esgd runs/rsgd --csv entropy.csv
+
+    Committee machines (--model committee:K): --method bp gives S(d), the log-count of zero-error weights at distance d from the checkpoint, by belief propagation.
     """
+    if method not in ("langevin", "bp"):
+        raise FlatcliError(f"method={method!r} is not langevin or bp", "use --method langevin or --method bp")
+    if method == "bp":
+        return run_bp(common, couplings, distances, damping, bp_tolerance, bp_iters)
+    reject_bp_options(couplings, distances)
     from flatcli.measure.local_entropy import EntropySettings, parse_gammas
     settings = EntropySettings(tuple(parse_gammas(gammas)), beta, steps, burn_in, chains, chains_per_pass,
                                langevin_lr, batch_size, loss.value if loss else "cross-entropy", seed=common.seed)

@@ -22,7 +22,7 @@ from typing import Annotated, Optional, Protocol, Sequence
 import typer
 
 import flatcli
-from flatcli.cli.common import (CropOpt, DataDirOpt, DataOpt, DepthOpt, DeviceOpt, InMemory, InMemoryOpt, ModelOpt,
+from flatcli.cli.common import (ClassesOpt, CropOpt, DataDirOpt, DataOpt, DepthOpt, DeviceOpt, InMemory, InMemoryOpt, ModelOpt,
                                 Normalize, NormalizeOpt, ReplicaOpt, ResizeOpt, SeedOpt, ThreadsOpt, TrustPickleOpt,
                                 WidthOpt, WorkersOpt, check_output_target, parse_replica, start, to_json,
                                 write_output)
@@ -62,6 +62,7 @@ class Common:
     depth: int = 2
     data: Optional[str] = None
     data_dir: Path = Path("data")
+    classes: Optional[str] = None
     trust_pickle: bool = False
     in_memory: InMemory = InMemory.auto
     resize: Optional[int] = None
@@ -75,7 +76,7 @@ class Common:
 
 _COMMON_TYPES = {"checkpoints": CheckpointsArg, "split": SplitOpt, "max_examples": MaxExamplesOpt,
                  "seed": SeedOpt, "device": DeviceOpt, "threads": ThreadsOpt, "model": ModelOpt,
-                 "width": WidthOpt, "depth": DepthOpt, "data": DataOpt, "data_dir": DataDirOpt,
+                 "width": WidthOpt, "depth": DepthOpt, "data": DataOpt, "data_dir": DataDirOpt, "classes": ClassesOpt,
                  "trust_pickle": TrustPickleOpt, "in_memory": InMemoryOpt, "resize": ResizeOpt, "crop": CropOpt,
                  "normalize": NormalizeOpt, "workers": WorkersOpt, "replica": ReplicaOpt, "csv_out": CsvOpt, "json_out": JsonOpt}
 
@@ -136,6 +137,8 @@ def run(measurement: Measurement, common: Common) -> None:
     inputs = InputMaker(common.split.value, common.max_examples, common.seed, dev,
                         bn_examples=measurement.bn_examples)
     inputs.check(loaded)
+    if hasattr(measurement, "check"):  # optional: a measurement's own checks of every checkpoint, before any output
+        measurement.check(loaded, inputs)
     examples = [inputs.examples(c) for c in loaded]
     settings = settings_dict(measurement.name, loaded, common, dev, dist, **measurement.settings(examples))
     console.print(settings_line(settings))
@@ -180,6 +183,7 @@ def check_outputs(csv_path: Optional[str], json_path: Optional[str]) -> None:
 def load_checkpoints(common: Common) -> list:
     """Every checkpoint through the shared loader, data sets read once (one DataCache), all checked up front."""
     from flatcli.cli.options import data_spec_of, model_spec_of
+    from flatcli.data.core import parse_classes
     from flatcli.loading import DataCache, load_checkpoint
 
     cache, replica = DataCache(), parse_replica(common.replica)
@@ -188,7 +192,8 @@ def load_checkpoints(common: Common) -> list:
     model_spec, data_spec = model_spec_of(common.model, common.width, common.depth), \
         data_spec_of(common.data, common.data_dir, **images, **reading)
     return [load_checkpoint(p, model_spec=model_spec, data_spec=data_spec, trust_pickle=common.trust_pickle,
-                            replica=replica, cache=cache, reading=reading) for p in common.checkpoints]
+                            replica=replica, cache=cache, reading=reading,
+                            classes=parse_classes(common.classes)) for p in common.checkpoints]
 
 
 @dataclass

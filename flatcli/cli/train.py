@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from flatcli.cli.common import (CropOpt, DataDirOpt, DepthOpt, DeviceOpt, InMemory, InMemoryOpt, Loss, Normalize,
+from flatcli.cli.common import (ClassesOpt, CropOpt, DataDirOpt, DepthOpt, DeviceOpt, InMemory, InMemoryOpt, Loss, Normalize,
                                 NormalizeOpt, ResizeOpt, SeedOpt, ThreadsOpt, WidthOpt, WorkersOpt, start)
 from flatcli.errors import FlatcliError
 from flatcli.optim import defaults as OD
@@ -85,11 +85,12 @@ def train(
     gamma_growth: Annotated[float, typer.Option(min=0.0, help=SCOPING, rich_help_panel=BOTH)] = D.gamma_growth,
     replicas: Annotated[int, typer.Option(min=2, help="y: number of replicas.", rich_help_panel=RSGD)] = D.replicas,
     coupling_every: Annotated[int, typer.Option(min=1, help="K: the coupling acts every K steps.", rich_help_panel=RSGD)] = D.coupling_every,
-    model: Annotated[Optional[str], typer.Option(show_default="mlp", rich_help_panel=DATA, help="Architecture: linear, mlp, lenet, convnet, resnet20, resnet110, resnet18, tv:NAME (any torchvision model) or module:function (your own factory).")] = None,
+    model: Annotated[Optional[str], typer.Option(show_default="mlp", rich_help_panel=DATA, help="Architecture: linear, mlp, lenet, convnet, resnet20, resnet110, resnet18, tv:NAME (any torchvision model), committee:K[:binary] (a committee machine of K sign units, K odd) or module:function (your own factory).")] = None,
     width: WidthOpt = 128,
     depth: DepthOpt = 2,
     data: Annotated[Optional[str], typer.Option(show_default="digits", rich_help_panel=DATA, help="digits (real 8x8 handwritten digits, embedded), teacher (synthetic, embedded), mnist, fashion-mnist, cifar10, cifar100, imagefolder:PATH, or a tensors file (.npz, .safetensors, .pt with x, y[, x_test, y_test]).")] = None,
     data_dir: DataDirOpt = Path("data"),
+    classes: ClassesOpt = None,
     data_seed: Annotated[int, typer.Option(min=0, help="Seed of the teacher data, of the digits' train/test split and of data subsets.", rich_help_panel=DATA)] = 0,
     n_train: Annotated[Optional[int], typer.Option(min=1, help="Training examples (teacher size, or a cap).", show_default=False, rich_help_panel=DATA)] = None,
     n_test: Annotated[Optional[int], typer.Option(min=1, help="Test examples (teacher size, or a cap).", show_default=False, rich_help_panel=DATA)] = None,
@@ -139,7 +140,7 @@ def train(
             images = {"resize": resize, "crop": crop, "normalize": normalize.value, "in_memory": in_memory.value,
                       "workers": workers}
             trainer = new_trainer(cfg, model, width, depth, data, data_dir, data_seed, n_train, n_test, loss, out,
-                                  init, save_every, dist, dev, console, images)
+                                  init, save_every, dist, dev, console, images, classes)
             console.print(f"training {trainer.model_spec.name} on {trainer.data.spec.name} with {cfg.algo} on "
                           f"{dev}{ranks}: {len(trainer.data.train)} examples, batch {cfg.batch_size}, "
                           f"{trainer.total_steps} steps → {trainer.out}")
@@ -169,11 +170,12 @@ def _interrupted_before_training(stop: dict) -> None:
 
 
 def new_trainer(cfg, model, width, depth, data, data_dir, data_seed, n_train, n_test, loss, out, init, save_every,
-                dist, dev, console, images=None):
+                dist, dev, console, images=None, classes=None):
     """A fresh run: the model (from --model, or the --init checkpoint's metadata), the data, the folder."""
     from flatcli import distributed
     from flatcli.checkpoint import model_spec_from_metadata, read_checkpoint
     from flatcli.data import DataSpec, load_data
+    from flatcli.data.core import parse_classes
     from flatcli.models import ModelSpec
     from flatcli.training import Trainer
 
@@ -183,7 +185,7 @@ def new_trainer(cfg, model, width, depth, data, data_dir, data_seed, n_train, n_
     else:
         model_spec = ModelSpec(name=model or "mlp", width=width, depth=depth)
     data_obj = load_data(DataSpec(name=data or DEFAULT_DATA, data_dir=str(data_dir), seed=data_seed,
-                                  n_train=n_train, n_test=n_test, **(images or {})))
+                                  n_train=n_train, n_test=n_test, classes=parse_classes(classes), **(images or {})))
     if loss is None and data_obj.num_classes is None:
         cfg.loss = "mse"
     out = Path(out) if out else default_out(data or DEFAULT_DATA, model_spec.name, cfg.algo)

@@ -38,6 +38,7 @@ class DataSpec:
     seed: int = 0
     n_train: int | None = None
     n_test: int | None = None
+    classes: tuple[int, int] | None = None
     # image folders only (see flatcli.data.stream): the evaluation transform, the normalization, and how to read
     resize: int | None = None       # shorter side resized to this many pixels (bilinear)
     crop: int | None = None         # then a centre crop of crop x crop
@@ -56,8 +57,11 @@ class DataSpec:
 
     def to_dict(self) -> dict:
         """JSON-safe ``{"name", "data_dir", "seed", "n_train", "n_test", "resize", "crop", "normalize"}`` with
-        absolute paths: what the data are. How they are read (``in_memory``, ``workers``) is left out."""
-        return {k: v for k, v in asdict(self.resolved()).items() if k not in READING}
+        absolute paths (and ``"classes": [A, B]`` for a binary task): what the data are. How they are read (``in_memory``, ``workers``) is left out."""
+        d = {k: v for k, v in asdict(self.resolved()).items() if k not in READING}
+        if d["classes"] is None:  # absent unless a binary task is selected, as in older runs
+            del d["classes"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataSpec":
@@ -66,6 +70,8 @@ class DataSpec:
         if not isinstance(d, dict) or not set(d) <= names or "name" not in d:
             raise FlatcliError(f"malformed data spec {d!r}", f"expected a dict with keys {', '.join(sorted(names))}")
         spec = cls(**d)
+        if isinstance(spec.classes, list):  # JSON has no tuples
+            spec.classes = tuple(spec.classes)
         check_spec(spec)
         return spec
 
@@ -83,7 +89,21 @@ def check_spec(spec: DataSpec) -> DataSpec:
             raise FlatcliError(f"{key} must be a positive integer or unset, got {n!r}", "pass e.g. 1000, or omit it")
     from flatcli.data.stream import check_stream_options
     check_stream_options(spec.in_memory, spec.resize, spec.crop, spec.normalize, spec.workers)
+    c = spec.classes
+    if c is not None and (not isinstance(c, tuple) or len(c) != 2 or len(set(c)) != 2 or any(
+            not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in c)):
+        raise FlatcliError(f"classes={c!r} is not two different class labels", "pass two labels, e.g. --classes 0,1")
     return spec
+
+
+def parse_classes(text: str | None) -> tuple[int, int] | None:
+    """``"3,8"`` → (3, 8); None → None. Anything but two different non-negative integers is a FlatcliError."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or parts[0] == parts[1] or int(parts[0]) == int(parts[1]):
+        raise FlatcliError(f"classes={text!r} is not two different class labels A,B", "pass e.g. --classes 0,1")
+    return int(parts[0]), int(parts[1])
 
 
 @dataclass
@@ -173,8 +193,27 @@ def channel_stats(x: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:
     return mean.float().view(-1, 1, 1), std.float().view(-1, 1, 1)
 
 
+def select_classes(split: Split, classes: tuple[int, int], num_classes: int | None, name: str) -> Split:
+    """The examples of ``classes`` = (A, B) only, labels A → 0 and B → 1."""
+    if num_classes is None:
+        raise FlatcliError(f"classes={classes} asked for, but {name!r} holds regression targets, not classes",
+                           "drop --classes, or use data with integer labels")
+    if max(classes) >= num_classes:
+        raise FlatcliError(f"classes={classes}: {name!r} has classes 0..{num_classes - 1} only",
+                           f"pick two labels below {num_classes}")
+    keep = (split.y == classes[0]) | (split.y == classes[1])
+    if not bool(keep.any()):
+        raise FlatcliError(f"classes={classes}: no examples of either class in {name!r}", "pick other labels")
+    return Split(split.x[keep], (split.y[keep] == classes[1]).long(), split.mean, split.std)
+
+
 def make_data(spec: DataSpec, train: Split, test: Split | None, num_classes: int | None) -> Data:
-    """Assemble ``Data``, applying the n_train/n_test caps (first n after a shuffle seeded by spec.seed)."""
+    """Assemble ``Data``: the two ``spec.classes`` when given (as labels 0, 1), then the n_train/n_test caps
+    (first n after a shuffle seeded by spec.seed)."""
+    if spec.classes is not None:
+        train = select_classes(train, spec.classes, num_classes, spec.name)
+        test = None if test is None else select_classes(test, spec.classes, num_classes, spec.name)
+        num_classes = 2
     if spec.n_train is not None:
         train = train.subset(spec.n_train, torch.Generator().manual_seed(spec.seed))
     if test is not None and spec.n_test is not None:

@@ -12,6 +12,9 @@ Names (``MODEL_NAMES``), with what ``width`` and ``depth`` mean for each:
 - ``tv:NAME``: any torchvision classification model, untrained, with ``num_classes`` outputs; its first
   convolution is rebuilt for the images' channel count when that is not 3. Ignores width, depth.
 - ``timm:NAME``, ``hf:FOLDER``: a timm model or a local Hugging Face image classifier, untrained (see ``hub``).
+- ``committee:K``, ``committee:K:binary``: a committee machine of K (odd) sign units and a majority vote,
+  continuous or ±1 weights, no biases, two logits (−s, +s) for a binary task (see ``flatcli.models.committee``).
+  Ignores width, depth.
 - ``module:function``: the user's own factory, imported from the current directory or PYTHONPATH and called
   with ``num_classes=`` when it accepts it. Ignores width, depth.
 
@@ -25,7 +28,7 @@ import torch
 from torch import nn
 
 from flatcli.errors import FlatcliError
-from flatcli.models import external, hub, resnet, small
+from flatcli.models import committee, external, hub, resnet, small
 
 MODEL_NAMES = ("linear", "mlp", "lenet", "convnet", "resnet20", "resnet110", "resnet18")
 IMAGE_MODELS = {"lenet": 16, "convnet": 8, "resnet20": 1, "resnet110": 1, "resnet18": 1}  # name → least H, W
@@ -66,7 +69,7 @@ class ModelSpec:
 def describe_names() -> str:
     """The valid model names, for error messages."""
     return ", ".join(MODEL_NAMES) + (", tv:NAME (a torchvision model), timm:NAME, hf:FOLDER (a local Hugging Face "
-                                     "folder), module:function (your own factory)")
+                                     "folder), committee:K[:binary] (a committee machine), module:function (your own factory)")
 
 
 def image_shape(name: str, input_shape: tuple[int, ...], least: int) -> tuple[int, int, int]:
@@ -126,6 +129,8 @@ def make(spec: ModelSpec, input_shape: tuple[int, ...], num_outputs: int) -> nn.
         channels, _, _ = image_shape(name, input_shape, 1)
         kind, _, target = name.partition(":")
         return (hub.timm_model if kind == "timm" else hub.hf_model)(target, channels, num_outputs)
+    if name.startswith(committee.PREFIX):
+        return committee.committee(name, input_shape, num_outputs)
     if ":" in name:
         return external.user_model(name, num_outputs)
     if name == "linear":
