@@ -68,7 +68,7 @@ def test_classes_select_and_relabel(tensor_file_factory):
 def test_train_and_measure_a_committee_on_two_teacher_classes(tmp_path):
     for algo in ("sgd", "esgd", "rsgd"):
         out = tmp_path / algo
-        result = invoke("train", "--model", "committee:3", "--classes", "0,1", "--n-train", "200",
+        result = invoke("train", "--model", "committee:3", "--data", "teacher", "--classes", "0,1", "--n-train", "200",
                         "--n-test", "50", "--steps", "3", "--algo", algo, "--out", out)
         assert result.exit_code == 0, result.stderr
         assert weights(out / "model.safetensors")["weight"].shape == (3, 30)
