@@ -1,8 +1,8 @@
 """The seed's shallow-network experiment: committee machines on a binary task, their BP local entropy and
 local energy, and how both rank against generalization (MATH.md §7).
 
-    python examples/committee.py --hidden 5 --epochs 40 --samples 20       # digits 4 vs 9 (the built-in digits)
-    python examples/committee.py --data FILE.npz --classes 0,1 --out docs/committee
+    python examples/committee.py --make-digits data/digits.npz      # needs scikit-learn (bundled digits)
+    python examples/committee.py --data data/digits.npz --classes 0,1 --out docs/committee
 
 Protocol: committee machines (``committee:K``, or ``committee:K:binary`` with --binary) trained by SGD, eSGD and
 rSGD over seeds on two classes of --data; for each checkpoint that classifies its training set without error,
@@ -168,8 +168,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--make-digits", type=Path, help="write scikit-learn's digits as a tensor file there and exit")
-    p.add_argument("--data", default="digits", help="any flatcli data (digits, a tensor file, teacher, mnist, ...)")
-    p.add_argument("--classes", default="4,9")
+    p.add_argument("--data", help="any flatcli data (a tensor file, teacher, mnist, ...)")
+    p.add_argument("--classes", default="0,1")
     p.add_argument("--hidden", type=int, default=3, help="K, odd")
     p.add_argument("--binary", action="store_true", help="±1 weights (committee:K:binary)")
     p.add_argument("--algos", default=",".join(ALGOS))
