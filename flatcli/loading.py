@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flatcli.checkpoint import (RawCheckpoint, check_run_metadata, load_into,
+from flatcli.checkpoint import (RawCheckpoint, check_exported_batches, check_run_metadata, load_into,
                                 model_spec_from_metadata, read_checkpoint, replica_state)
 from flatcli.data import Data, DataSpec, load_data
 from flatcli.errors import FlatcliError
@@ -64,9 +64,42 @@ def load_checkpoint(path, *, model_spec: ModelSpec | None = None, data_spec: Dat
         if replica not in (None, "center"):
             raise FlatcliError(f"--replica {replica} asked for, but {str(path)!r} is a single model", "drop --replica")
         model = raw.module
+        if raw.kind == "exported":
+            check_exported_batches(model, data.input_shape, path)
     else:
         model = build_model(model_spec, data.input_shape, data.num_outputs)
-        load_into(model, replica_state(raw, replica), path)
+        state = replica_state(raw, replica)
+        try:
+            load_into(model, state, path)
+        except FlatcliError:
+            check_data_fits_weights(model, state, data, path, own_model=meta is not None)
+            raise
     check_fits(model, data.input_shape, data.num_outputs)
     label = str(path) if replica in (None, "center") else f"{path}#replica{replica}"
     return Loaded(raw, model.eval(), data, loss or default_loss(data), model_spec, label)
+
+
+def check_data_fits_weights(model: torch.nn.Module, state: dict, data: Data, path, own_model: bool) -> None:
+    """When weights do not fit the model built for ``data``, and the first layer (inputs) or the last (outputs)
+    is where they differ, the data is the mismatch: say so, with the data's shape and the weights' input."""
+    expected = model.state_dict()
+    weights = [k for k, v in expected.items() if v.ndim >= 2 and k in state and state[k].ndim == v.ndim]
+    if not weights:
+        return
+    first, last = weights[0], weights[-1]
+    reads, wanted = expected[first].shape[1], state[first].shape[1]
+    outputs, made = expected[last].shape[0], state[last].shape[0]
+    problems = []
+    if reads != wanted:
+        unit = "channels" if expected[first].ndim == 4 else "numbers per example"
+        problems.append(f"its first layer ({first}) reads {wanted} {unit}, the data give {reads}")
+    if outputs != made and (last != first or reads == wanted):
+        problems.append(f"it has {made} outputs, the data need {data.num_outputs}")
+    if not problems:
+        return
+    what = (f"data {data.spec.name} (x of shape {tuple(data.input_shape)} per example, "
+            f"{f'{data.num_classes} classes' if data.num_classes is not None else f'{data.num_outputs} targets'}) "
+            f"do not fit the weights in {str(path)!r}: {'; '.join(problems)}")
+    fix = ("pass the --data the run was trained on (or drop --data to use it)" if own_model
+           else "pass the --data the weights were trained on, or the --model that reads this data")
+    raise FlatcliError(what, fix)

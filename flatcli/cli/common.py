@@ -53,18 +53,45 @@ def _click_exceptions():
 USAGE_ERRORS, CLICK_ERRORS, ABORTS = _click_exceptions()
 
 
-def describe_usage_error(error, args) -> str:
-    """Click's message, with the value the user gave when the error concerns one option."""
+def describe_usage_error(error, args) -> tuple[str, str | None]:
+    """(what, fix): click's message in flatcli's words, with the value the user gave when it concerns one option."""
     param = getattr(error, "param", None)
     args = list(sys.argv[1:] if args is None else args)
     for opt in getattr(param, "opts", None) or []:
         for i in reversed(range(len(args))):  # the last occurrence is the one that counts
             arg = args[i]
             if arg == opt and i + 1 < len(args) and opt.startswith("-"):
-                return f"{opt} {args[i + 1]}: {error.message}"
+                return in_plain_words(opt, args[i + 1], error.message)
             if arg.startswith(opt + "="):
-                return f"{opt} {arg[len(opt) + 1:]}: {error.message}"
-    return error.format_message()
+                return in_plain_words(opt, arg[len(opt) + 1:], error.message)
+    return error.format_message(), None
+
+
+_BOUNDS = ((r"greater than or equal to (\S+)", "is below {0}", "give {opt} {0} or more"),
+           (r"greater than (\S+)", "is not above {0}", "give {opt} a value above {0}"),
+           (r"less than or equal to (\S+)", "is above {0}", "give {opt} {0} or less"),
+           (r"less than (\S+)", "is not below {0}", "give {opt} a value below {0}"),
+           (r"a valid integer.*", "is not a whole number", "give {opt} an integer, e.g. 10"),
+           (r"a valid number.*", "is not a number", "give {opt} a number, e.g. 0.1"),
+           (r"a valid boolean.*", "is not true or false", "give {opt} true or false"))
+
+
+def in_plain_words(opt: str, value: str, message: str) -> tuple[str, str | None]:
+    """The type checker's wording ("Input should be greater than or equal to 1", "Value error, 'x' is not one
+    of 'a', 'b'.") as flatcli's "what — fix": ("--samples 0 is below 1", "give --samples 1 or more")."""
+    message = message.strip()
+    choices = re.fullmatch(r"(?:Value error, )?'?(.*?)'? is not one of (.*?)\.?", message)
+    if choices:
+        names = ", ".join(c.strip().strip("'") for c in choices.group(2).split(","))
+        return f"{opt} {value!r} is not one of {names}", f"use one of: {names}"
+    should = re.fullmatch(r"Input should be (.*?)\.?", message)
+    if should:
+        for pattern, what, fix in _BOUNDS:
+            m = re.fullmatch(pattern, should.group(1))
+            if m:
+                return f"{opt} {value} {what.format(*m.groups())}", fix.format(*m.groups(), opt=opt)
+        return f"{opt} {value} is not {should.group(1)}", None
+    return f"{opt} {value}: {message.removeprefix('Value error, ')}", None
 
 
 def flag_names(command) -> dict[str, str]:
@@ -85,8 +112,19 @@ def in_flag_terms(message: str, flags: dict[str, str]) -> str:
     return pattern.sub(lambda m: flags[m.group(1)] + " ", message)
 
 
+def without_flag_hints(params: list) -> list:
+    """A flag takes no value: no ``<bool>`` in its help line (an empty metavar leaves the type column blank)."""
+    for p in params:
+        if getattr(p, "is_flag", False) and not getattr(p, "count", False):
+            p.metavar = ""
+    return params
+
+
 class FlatcliCommand(TyperCommand):
     """Reports the library's errors in the words of this command's flags."""
+
+    def get_params(self, ctx):
+        return without_flag_hints(super().get_params(ctx))
 
     def invoke(self, ctx):
         try:
@@ -99,6 +137,9 @@ class FlatcliCommand(TyperCommand):
 class FlatcliGroup(TyperGroup):
     """Catches user mistakes once, at the boundary: one line on stderr, exit 2, no traceback; Ctrl-C: one
     line, exit 130."""
+
+    def get_params(self, ctx):
+        return without_flag_hints(super().get_params(ctx))
 
     def invoke(self, ctx):
         try:
@@ -119,7 +160,8 @@ class FlatcliGroup(TyperGroup):
             if not e.format_message().strip():  # no arguments at all: the help already said everything
                 sys.exit(e.exit_code)
             command = " ".join(["flatcli", *e.ctx.command_path.split()[1:]]) if e.ctx else "flatcli"
-            print_error(f"{describe_usage_error(e, args)} — see '{command} --help'")
+            what, fix = describe_usage_error(e, args)
+            print_error(f"{what} — {fix} (see '{command} --help')" if fix else f"{what} — see '{command} --help'")
             sys.exit(e.exit_code)
         except CLICK_ERRORS as e:
             print_error(e.format_message())

@@ -131,7 +131,11 @@ def run(measurement: Measurement, common: Common) -> None:
     inputs.check(loaded)
     examples = [inputs.examples(c) for c in loaded]
     settings = settings_dict(measurement.name, loaded, common, dev, dist, **measurement.settings(examples))
-    console.print(settings_line(settings))
+    if common.max_examples is not None:  # what is used: more than a split holds means all of it (with a note)
+        settings["max_examples"] = examples[0] if len(set(examples)) == 1 else examples
+    console.print(settings_text(settings))
+    for note in dict.fromkeys(n for c in loaded for n in getattr(c.data, "notes", ())):
+        console.print(f"note: {note}", highlight=False)
     for note in inputs.notes:
         console.print(f"note: {note}")
     results = []
@@ -276,6 +280,15 @@ def settings_line(settings: dict, skip=("command", "checkpoints", "version")) ->
     parts = [f"{k.replace('_', ' ')} {short(v)}" for k, v in settings.items() if k not in skip]
     return (f"{settings['command']} {settings['version']} on {len(settings['checkpoints'])} checkpoint(s): "
             + " · ".join(parts))
+
+
+def settings_text(settings: dict):
+    """The settings line as rich Text: the numbers of the settings highlighted, the command and version not
+    (the number highlighter would split ``0.2.0`` into two numbers)."""
+    from rich.highlighter import ReprHighlighter
+    from rich.text import Text
+    head, _, rest = settings_line(settings).partition(": ")
+    return Text(head + ": ") + ReprHighlighter()(Text(rest))
 
 
 def short(value) -> str:

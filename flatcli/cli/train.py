@@ -146,6 +146,8 @@ def new_trainer(cfg, model, width, depth, data, data_dir, data_seed, n_train, n_
         model_spec = ModelSpec(name=model or "mlp", width=width, depth=depth)
     data_obj = load_data(DataSpec(name=data or "teacher", data_dir=str(data_dir), seed=data_seed,
                                   n_train=n_train, n_test=n_test))
+    for note in data_obj.notes:
+        console.print(f"note: {note}", highlight=False)
     if loss is None and data_obj.num_classes is None:
         cfg.loss = "mse"
     out = Path(out) if out else default_out(data or "teacher", model_spec.name, cfg.algo)

@@ -135,6 +135,7 @@ class Data:
     num_classes: int | None
     num_outputs: int
     images: bool
+    notes: tuple[str, ...] = ()  # what was inferred while reading (key names, layout), for the user to see
 
 
 def channel_stats(x: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:
@@ -155,7 +156,8 @@ def channel_stats(x: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:
     return mean.float().view(-1, 1, 1), std.float().view(-1, 1, 1)
 
 
-def make_data(spec: DataSpec, train: Split, test: Split | None, num_classes: int | None) -> Data:
+def make_data(spec: DataSpec, train: Split, test: Split | None, num_classes: int | None,
+              notes: tuple[str, ...] | list[str] = ()) -> Data:
     """Assemble ``Data``, applying the n_train/n_test caps (first n after a shuffle seeded by spec.seed)."""
     if spec.n_train is not None:
         train = train.subset(spec.n_train, torch.Generator().manual_seed(spec.seed))
@@ -167,4 +169,4 @@ def make_data(spec: DataSpec, train: Split, test: Split | None, num_classes: int
     else:
         num_outputs = 1 if train.y.ndim == 1 else train.y.shape[1]
     images = len(input_shape) == 3 and input_shape[0] == 3
-    return Data(spec, train, test, input_shape, num_classes, num_outputs, images)
+    return Data(spec, train, test, input_shape, num_classes, num_outputs, images, tuple(notes))
