@@ -83,18 +83,19 @@ def check_data_fits_weights(model: torch.nn.Module, state: dict, data: Data, pat
     """When weights do not fit the model built for ``data``, and the first layer (inputs) or the last (outputs)
     is where they differ, the data is the mismatch: say so, with the data's shape and the weights' input."""
     expected = model.state_dict()
-    weights = [k for k, v in expected.items() if v.ndim >= 2 and k in state and state[k].ndim == v.ndim]
-    if not weights:
+    ours = [k for k, v in expected.items() if v.ndim >= 2]
+    theirs = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.ndim >= 2]
+    if not ours or not theirs:
         return
-    first, last = weights[0], weights[-1]
-    reads, wanted = expected[first].shape[1], state[first].shape[1]
-    outputs, made = expected[last].shape[0], state[last].shape[0]
     problems = []
-    if reads != wanted:
+    first, last = ours[0], ours[-1]
+    if theirs[0] == first and state[first].ndim == expected[first].ndim \
+            and state[first].shape[1] != expected[first].shape[1]:  # the same first layer, reading other inputs
         unit = "channels" if expected[first].ndim == 4 else "numbers per example"
-        problems.append(f"its first layer ({first}) reads {wanted} {unit}, the data give {reads}")
-    if outputs != made and (last != first or reads == wanted):
-        problems.append(f"it has {made} outputs, the data need {data.num_outputs}")
+        problems.append(f"its first layer ({first}) reads {state[first].shape[1]} {unit}, the data give "
+                        f"{expected[first].shape[1]}")
+    if theirs[-1] == last and state[last].shape[0] != expected[last].shape[0] == data.num_outputs:
+        problems.append(f"it has {state[last].shape[0]} outputs, the data need {data.num_outputs}")
     if not problems:
         return
     what = (f"data {data.spec.name} (x of shape {tuple(data.input_shape)} per example, "

@@ -23,14 +23,22 @@ def stderr_console(quiet: bool = False) -> Console:
     return Console(stderr=True, quiet=quiet)
 
 
+CPU_THREADS = 1  # the default on the CPU: the figures in benchmarks/RESULTS_threads.md
+
+
 def start(device_name: str, threads: int | None = None):
     """Resolve the device, set the CPU threads and join a torchrun job if launched by one:
-    (dist or None, device, stderr console)."""
+    (dist or None, device, stderr console).
+
+    ``threads`` None: one thread when the work runs on the CPU (flatcli's small models gain nothing from more,
+    and lose much on a busy machine: benchmarks/RESULTS_threads.md); torch's own default with an accelerator.
+    """
     from flatcli import distributed
     from flatcli.devices import resolve_device, set_threads
 
-    set_threads(threads)
-    dist, device = distributed.setup(resolve_device(device_name))
+    device = resolve_device(device_name)
+    set_threads(threads if threads is not None else CPU_THREADS if device.type == "cpu" else None)
+    dist, device = distributed.setup(device)
     return dist, device, stderr_console(quiet=dist is not None and not dist.is_main)
 
 
@@ -200,8 +208,8 @@ DataDirOpt = Annotated[Path, typer.Option("--data-dir", help="Where torchvision 
 TrustPickleOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow loading a whole pickled model. Unpickling runs code from the file: only for files you trust.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(
-    "--threads", min=1, show_default="auto",
-    help="CPU threads for torch (default: chosen per device and workload; the settings line says how many).")]
+    "--threads", min=1, show_default="1 on the CPU, torch's default with a GPU",
+    help="CPU threads for torch (the settings line says how many are used).")]
 ReplicaOpt = Annotated[str, typer.Option(
     "--replica", help="For rSGD runs: measure the center (default) or replica N.")]
 

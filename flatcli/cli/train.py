@@ -90,7 +90,8 @@ def train(
             from flatcli.training import Trainer
             trainer = Trainer.resume(resume, dev, epochs=epochs, steps=steps, dist=dist, save_every=save_every,
                                      model=model)
-            console.print(f"resuming {resume} at step {trainer.step} (epoch {trainer.epoch}) on {dev}{ranks}")
+            console.print(f"resuming {resume} at step {trainer.step} (epoch {trainer.epoch}) on {dev}{ranks} "
+                          f"({threads_in_use()} thread(s))")
         else:
             cfg = TrainConfig(algo=algo, epochs=epochs or D.epochs, steps=steps, batch_size=batch_size, lr=lr,
                               momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
@@ -103,7 +104,8 @@ def train(
             trainer = new_trainer(cfg, model, width, depth, data, data_dir, data_seed, n_train, n_test, loss, out,
                                   init, save_every, dist, dev, console)
             console.print(f"training {trainer.model_spec.name} on {trainer.data.spec.name} with {cfg.algo} on "
-                          f"{dev}{ranks}: {len(trainer.data.train)} examples, batch {cfg.batch_size}, "
+                          f"{dev}{ranks} ({threads_in_use()} thread(s)): {len(trainer.data.train)} examples, "
+                          f"batch {cfg.batch_size}, "
                           f"{trainer.total_steps} steps → {trainer.out}")
         stop["trainer"] = trainer
         if stop["asked"]:
@@ -113,6 +115,11 @@ def train(
         _interrupted_before_training(stop)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def threads_in_use() -> int:
+    import torch
+    return torch.get_num_threads()
 
 
 def _on_sigint(stop: dict) -> None:

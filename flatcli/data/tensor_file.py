@@ -66,6 +66,8 @@ def find_keys(t: dict, path: str) -> tuple[dict, list[str]]:
     found, notes = {}, []
     for role, names in KEY_NAMES.items():
         present = [n for n in names if n in t]
+        if names[0] in present:  # the usual name wins; another name for the same role is then unexpected
+            present = [names[0]]
         if len(present) > 1:
             raise FlatcliError(f"data file {path!r} has several keys for {role}: {', '.join(present)}",
                                f"keep one of them, or rename it {role}")
@@ -74,7 +76,8 @@ def find_keys(t: dict, path: str) -> tuple[dict, list[str]]:
     missing = [k for k in ("x", "y") if k not in found]
     unknown = sorted(set(t) - set(found.values()))
     if missing or unknown or (("x_test" in found) != ("y_test" in found)):
-        problem = (f"no {' or '.join(missing)} ({', '.join('/'.join(KEY_NAMES[k][:4]) for k in missing)})" if missing
+        problem = (f"missing {missing} (also read as: {'; '.join('/'.join(KEY_NAMES[k][1:]) for k in missing)})"
+                   if missing
                    else f"unexpected keys {unknown}" if unknown else "only one of x_test, y_test")
         raise FlatcliError(f"data file {path!r} has keys {sorted(t)}: {problem}", f"store {EXPECTED}")
     if any(role != key for role, key in found.items()):
