@@ -238,9 +238,9 @@ def test_old_noise_spelling_still_sets_the_langevin_noise(tmp_path):
 
 @pytest.mark.parametrize("args, what, fix", [
     (["local-energy", "RUN", "--samples", "0"], "--samples 0 is below 1", "give --samples 1 or more"),
-    (["local-energy", "RUN", "--noise", "val"], "--noise 'val' is not one of multiplicative, additive",
+    (["local-energy", "RUN", "--noise", "val"], "--noise val is not one of multiplicative, additive",
      "use one of: multiplicative, additive"),
-    (["local-energy", "RUN", "--split=val"], "--split 'val' is not one of train, test", "use one of: train, test"),
+    (["local-energy", "RUN", "--split=val"], "--split val is not one of train, test", "use one of: train, test"),
     (["train", "--batch-size", "x"], "--batch-size x is not a whole number", "an integer"),
     (["train", "--momentum", "-1"], "--momentum -1 is below 0", "--momentum 0 or more"),
 ])

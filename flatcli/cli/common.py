@@ -91,7 +91,7 @@ def in_plain_words(opt: str, value: str, message: str) -> tuple[str, str | None]
     choices = re.fullmatch(r"(?:Value error, )?'?(.*?)'? is not one of (.*?)\.?", message)
     if choices:
         names = ", ".join(c.strip().strip("'") for c in choices.group(2).split(","))
-        return f"{opt} {value!r} is not one of {names}", f"use one of: {names}"
+        return f"{opt} {value} is not one of {names}", f"use one of: {names}"
     should = re.fullmatch(r"Input should be (.*?)\.?", message)
     if should:
         for pattern, what, fix in _BOUNDS:
