@@ -35,7 +35,7 @@ class SplitName(str, enum.Enum):
 
 CheckpointsArg = Annotated[list[Path], typer.Argument(
     metavar="CHECKPOINT", show_default=False,
-    help="One or more run folders, .safetensors/.pt/.pth files or TorchScript archives.")]
+    help="One or more run folders, .safetensors/.pt/.pth files, TorchScript archives or .pt2 torch.export programs.")]
 SplitOpt = Annotated[SplitName, typer.Option(
     "--split", help="Examples to measure on: train (the training examples, without augmentation) or test.")]
 MaxExamplesOpt = Annotated[Optional[int], typer.Option(
