@@ -349,6 +349,7 @@ def test_torch_export_programs_are_measured_like_their_weights(runs, tmp_path):
 # -- threads -------------------------------------------------------------------------------------------------
 
 def test_the_settings_line_says_how_many_threads_are_used(runs):
+    torch.set_num_threads(2)  # whatever torch would use, the CPU default is one thread
     default = invoke("local-energy", runs / "sgd", *QUICK, "--json", "-")
     assert json.loads(default.stdout)["settings"]["threads"] == 1 and "threads 1 ·" in default.stderr
     two = invoke("local-energy", runs / "sgd", *QUICK, "--threads", "2", "--json", "-")
@@ -357,6 +358,8 @@ def test_the_settings_line_says_how_many_threads_are_used(runs):
 
 
 def test_train_says_how_many_threads_it_uses(tmp_path):
+    torch.set_num_threads(2)
     result = invoke("train", "--steps", "1", "--n-train", "64", "--n-test", "16", "--batch-size", "32",
                     "--width", "8", "--out", tmp_path / "r", "--device", "cpu")
     assert result.exit_code == 0 and "(1 thread(s))" in result.stderr, result.stderr
+    assert torch.get_num_threads() == 1
