@@ -91,7 +91,7 @@ def train(
             trainer = Trainer.resume(resume, dev, epochs=epochs, steps=steps, dist=dist, save_every=save_every,
                                      model=model)
             console.print(f"resuming {resume} at step {trainer.step} (epoch {trainer.epoch}) on {dev}{ranks} "
-                          f"({threads_in_use()} thread(s))")
+                          f"({threads_in_use()} thread(s))", soft_wrap=True)  # one line, for logs and greps
         else:
             cfg = TrainConfig(algo=algo, epochs=epochs or D.epochs, steps=steps, batch_size=batch_size, lr=lr,
                               momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
@@ -106,7 +106,7 @@ def train(
             console.print(f"training {trainer.model_spec.name} on {trainer.data.spec.name} with {cfg.algo} on "
                           f"{dev}{ranks} ({threads_in_use()} thread(s)): {len(trainer.data.train)} examples, "
                           f"batch {cfg.batch_size}, "
-                          f"{trainer.total_steps} steps → {trainer.out}")
+                          f"{trainer.total_steps} steps → {trainer.out}", soft_wrap=True)
         stop["trainer"] = trainer
         if stop["asked"]:
             raise KeyboardInterrupt
