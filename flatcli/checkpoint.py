@@ -105,7 +105,7 @@ def check_run_metadata(meta, source) -> dict:
 class RawCheckpoint:
     """What a checkpoint file holds, before a model is built: weights or a module, and metadata if any."""
     path: Path
-    kind: str                          # "run", "safetensors", "state-dict", "torchscript", "pickle", "hf"
+    kind: str                          # "run", "safetensors", "state-dict", "torchscript", "exported", "pickle", "hf"
     meta: dict | None = None           # flatcli metadata (self-describing checkpoints only)
     state_dict: dict | None = None
     module: torch.nn.Module | None = None
@@ -156,7 +156,79 @@ def is_torchscript(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
 
 
+EXPECTED_CHECKPOINT = "pass a run folder, a .safetensors/.pt/.pth state dict, a TorchScript archive or a .pt2 program"
+
+
+def is_exported_program(path: Path) -> bool:
+    """A ``torch.export.save`` archive (.pt2): a zip with an ``archive_format`` entry."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n == "archive_format" or n.endswith("/archive_format") for n in z.namelist())
+
+
+class ExportedModule(torch.nn.Module):
+    """A ``torch.export`` program as a module flatcli can evaluate and perturb: its parameters are real
+    parameters, and ``train``/``eval`` only set the flag (an exported program's mode was fixed when it was
+    exported, and it refuses to be switched)."""
+
+    def __init__(self, program: torch.nn.Module):
+        super().__init__()
+        self.program = program
+
+    def forward(self, x):
+        return self.program(x)
+
+    def train(self, mode: bool = True):
+        for m in self.modules():
+            m.training = mode
+        return self
+
+
+def read_exported_program(path: Path, trust_pickle: bool) -> RawCheckpoint:
+    """A .pt2 program: torch.export.load may unpickle objects stored in it, so only with ``trust_pickle``; it
+    must run on batches of any size (a batch dimension exported as dynamic)."""
+    what = f"{str(path)!r} is a torch.export program (.pt2)"
+    if not trust_pickle:
+        raise FlatcliError(f"{what}, and loading one may unpickle objects, which runs arbitrary code",
+                           "pass --trust-pickle if you trust the file's author, or save its state_dict instead")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = ExportedModule(torch.export.load(str(path)).module())
+    except Exception as e:  # torch raises several unrelated types for a bad archive
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise FlatcliError(f"{what} that cannot be loaded ({reason})",
+                           "re-export it with torch.export.save(torch.export.export(model, ...), PATH)") from None
+    if not any(True for _ in module.parameters()):
+        raise FlatcliError(f"{what} without parameters (its weights were folded into constants), so it "
+                           "cannot be perturbed", "export the model itself, not a frozen or compiled graph")
+    return RawCheckpoint(path, "exported", module=module)
+
+
+def check_exported_batches(module: torch.nn.Module, input_shape: tuple, path) -> None:
+    """An exported program must take any batch size (flatcli evaluates the data in slices): try 3 and 5."""
+    x = torch.zeros((3, *input_shape))
+    try:
+        with torch.no_grad():
+            module(x), module(torch.zeros((5, *input_shape)))
+    except Exception as e:
+        reason = str(e).strip().splitlines()[-1][:160] if str(e).strip() else type(e).__name__
+        raise FlatcliError(f"{str(path)!r} is a torch.export program (.pt2) that cannot run on batches of "
+                           f"shape {tuple(x.shape)} ({reason}): it was exported with a fixed batch size",
+                           "re-export it with dynamic_shapes marking the batch dimension, e.g. "
+                           "dynamic_shapes=({0: torch.export.Dim('batch')},)") from None
+
+
 def read_torch_file(path: Path, trust_pickle: bool) -> RawCheckpoint:
+    kind = what_file(path)
+    if kind is not None:
+        hint = (" (a model defined in Python is named with --model MODULE:FUNCTION, e.g. --model net:make for "
+                "make() in net.py, and its weights are passed as the checkpoint)") if kind == "Python source code" \
+            else " (data go to --data)" if kind.startswith("a numpy") else ""
+        raise FlatcliError(f"{str(path)!r} is {kind}, not a checkpoint", EXPECTED_CHECKPOINT + hint)
+    if is_exported_program(path):
+        return read_exported_program(path, trust_pickle)
     if is_torchscript(path):
         try:
             with warnings.catch_warnings():  # torch.jit.load's deprecation warning, on every call
@@ -177,7 +249,7 @@ def what_file(path: Path) -> str | None:
     with open(path, "rb") as f:
         head = f.read(512)
     if head.startswith(b"PK\x03\x04") and path.suffix.lower() == ".npz" or head.startswith(b"\x93NUMPY"):
-        return "a numpy file (.npy/.npz): data, not weights"
+        return "a numpy data file (.npy/.npz)"
     if head.startswith(b"\x89PNG") or head.startswith(b"\xff\xd8\xff"):
         return "an image"
     if path.suffix == ".py" or head.lstrip().startswith((b"import ", b"from ", b"def ", b"#!", b'"""')):
@@ -194,7 +266,7 @@ def _torch_load(path: Path, trust_pickle: bool):
     its classes imported from the current directory as ``--model module:function`` factories are. Torch's
     own warnings are silenced: flatcli says what went wrong in one line."""
     from flatcli.models.external import cwd_on_path
-    expected = "pass a run folder, a .safetensors/.pt/.pth state dict or a TorchScript archive"
+    expected = EXPECTED_CHECKPOINT
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

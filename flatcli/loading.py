@@ -4,7 +4,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from flatcli.checkpoint import (RawCheckpoint, check_run_metadata, load_into,
+from flatcli.checkpoint import (RawCheckpoint, check_exported_batches, check_run_metadata, load_into,
                                 model_spec_from_metadata, read_checkpoint, replica_state)
 from flatcli.data import Data, DataSpec, load_data
 from flatcli.errors import FlatcliError
@@ -72,9 +72,43 @@ def load_checkpoint(path, *, model_spec: ModelSpec | None = None, data_spec: Dat
         if replica not in (None, "center"):
             raise FlatcliError(f"--replica {replica} asked for, but {str(path)!r} is a single model", "drop --replica")
         model = raw.module
+        if raw.kind == "exported":
+            check_exported_batches(model, data.input_shape, path)
     else:
         model = build_model(model_spec, data.input_shape, data.num_outputs)
-        load_into(model, replica_state(raw, replica), path)
+        state = replica_state(raw, replica)
+        try:
+            load_into(model, state, path)
+        except FlatcliError:
+            check_data_fits_weights(model, state, data, path, own_model=meta is not None)
+            raise
     check_fits(model, data.input_shape, data.num_outputs)
     label = str(path) if replica in (None, "center") else f"{path}#replica{replica}"
     return Loaded(raw, model.eval(), data, loss or default_loss(data), model_spec, label)
+
+
+def check_data_fits_weights(model: torch.nn.Module, state: dict, data: Data, path, own_model: bool) -> None:
+    """When weights do not fit the model built for ``data``, and the first layer (inputs) or the last (outputs)
+    is where they differ, the data is the mismatch: say so, with the data's shape and the weights' input."""
+    expected = model.state_dict()
+    ours = [k for k, v in expected.items() if v.ndim >= 2]
+    theirs = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.ndim >= 2]
+    if not ours or not theirs:
+        return
+    problems = []
+    first, last = ours[0], ours[-1]
+    if theirs[0] == first and state[first].ndim == expected[first].ndim \
+            and state[first].shape[1] != expected[first].shape[1]:  # the same first layer, reading other inputs
+        unit = "channels" if expected[first].ndim == 4 else "numbers per example"
+        problems.append(f"its first layer ({first}) reads {state[first].shape[1]} {unit}, the data give "
+                        f"{expected[first].shape[1]}")
+    if theirs[-1] == last and state[last].shape[0] != expected[last].shape[0] == data.num_outputs:
+        problems.append(f"it has {state[last].shape[0]} outputs, the data need {data.num_outputs}")
+    if not problems:
+        return
+    what = (f"data {data.spec.name} (x of shape {tuple(data.input_shape)} per example, "
+            f"{f'{data.num_classes} classes' if data.num_classes is not None else f'{data.num_outputs} targets'}) "
+            f"do not fit the weights in {str(path)!r}: {'; '.join(problems)}")
+    fix = ("pass the --data the run was trained on (or drop --data to use it)" if own_model
+           else "pass the --data the weights were trained on, or the --model that reads this data")
+    raise FlatcliError(what, fix)

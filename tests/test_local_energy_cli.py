@@ -299,7 +299,7 @@ def test_an_error_during_the_work_leaves_no_output_file(linear_problem, tmp_path
     (["RUN", "--sigmas", "0:1:0"], ["num must be at least 1"]),
     (["RUN", "--samples", "0"], ["--samples 0"]),
     (["RUN", "--max-examples", "0"], ["--max-examples 0"]),
-    (["RUN", "--data", "linear.npz"], ["do not fit the model", "wrong shape"]),
+    (["RUN", "--data", "linear.npz"], ["do not fit the weights", "x of shape (5,)"]),
     (["W.pt", "--model", "le_linear:fixed", "--data", "teacher"], ["cannot take inputs of shape (30,)"]),
     (["W.pt", "--model", "mlp", "--data", "linear.npz"], ["do not fit the model", "--model"]),
     (["missing.pt", "--csv", "nowhere/out.csv"], ["--csv", "does not exist"]),  # found before the checkpoint

@@ -23,14 +23,22 @@ def stderr_console(quiet: bool = False) -> Console:
     return Console(stderr=True, quiet=quiet)
 
 
+CPU_THREADS = 1  # the default on the CPU: the figures in benchmarks/RESULTS_threads.md
+
+
 def start(device_name: str, threads: int | None = None):
     """Resolve the device, set the CPU threads and join a torchrun job if launched by one:
-    (dist or None, device, stderr console)."""
+    (dist or None, device, stderr console).
+
+    ``threads`` None: one thread when the work runs on the CPU (flatcli's small models gain nothing from more,
+    and lose much on a busy machine: benchmarks/RESULTS_threads.md); torch's own default with an accelerator.
+    """
     from flatcli import distributed
     from flatcli.devices import resolve_device, set_threads
 
-    set_threads(threads)
-    dist, device = distributed.setup(resolve_device(device_name))
+    device = resolve_device(device_name)
+    set_threads(threads if threads is not None else CPU_THREADS if device.type == "cpu" else None)
+    dist, device = distributed.setup(device)
     return dist, device, stderr_console(quiet=dist is not None and not dist.is_main)
 
 
@@ -53,18 +61,45 @@ def _click_exceptions():
 USAGE_ERRORS, CLICK_ERRORS, ABORTS = _click_exceptions()
 
 
-def describe_usage_error(error, args) -> str:
-    """Click's message, with the value the user gave when the error concerns one option."""
+def describe_usage_error(error, args) -> tuple[str, str | None]:
+    """(what, fix): click's message in flatcli's words, with the value the user gave when it concerns one option."""
     param = getattr(error, "param", None)
     args = list(sys.argv[1:] if args is None else args)
     for opt in getattr(param, "opts", None) or []:
         for i in reversed(range(len(args))):  # the last occurrence is the one that counts
             arg = args[i]
             if arg == opt and i + 1 < len(args) and opt.startswith("-"):
-                return f"{opt} {args[i + 1]}: {error.message}"
+                return in_plain_words(opt, args[i + 1], error.message)
             if arg.startswith(opt + "="):
-                return f"{opt} {arg[len(opt) + 1:]}: {error.message}"
-    return error.format_message()
+                return in_plain_words(opt, arg[len(opt) + 1:], error.message)
+    return error.format_message(), None
+
+
+_BOUNDS = ((r"greater than or equal to (\S+)", "is below {0}", "give {opt} {0} or more"),
+           (r"greater than (\S+)", "is not above {0}", "give {opt} a value above {0}"),
+           (r"less than or equal to (\S+)", "is above {0}", "give {opt} {0} or less"),
+           (r"less than (\S+)", "is not below {0}", "give {opt} a value below {0}"),
+           (r"a valid integer.*", "is not a whole number", "give {opt} an integer, e.g. 10"),
+           (r"a valid number.*", "is not a number", "give {opt} a number, e.g. 0.1"),
+           (r"a valid boolean.*", "is not true or false", "give {opt} true or false"))
+
+
+def in_plain_words(opt: str, value: str, message: str) -> tuple[str, str | None]:
+    """The type checker's wording ("Input should be greater than or equal to 1", "Value error, 'x' is not one
+    of 'a', 'b'.") as flatcli's "what — fix": ("--samples 0 is below 1", "give --samples 1 or more")."""
+    message = message.strip()
+    choices = re.fullmatch(r"(?:Value error, )?'?(.*?)'? is not one of (.*?)\.?", message)
+    if choices:
+        names = ", ".join(c.strip().strip("'") for c in choices.group(2).split(","))
+        return f"{opt} {value} is not one of {names}", f"use one of: {names}"
+    should = re.fullmatch(r"Input should be (.*?)\.?", message)
+    if should:
+        for pattern, what, fix in _BOUNDS:
+            m = re.fullmatch(pattern, should.group(1))
+            if m:
+                return f"{opt} {value} {what.format(*m.groups())}", fix.format(*m.groups(), opt=opt)
+        return f"{opt} {value} is not {should.group(1)}", None
+    return f"{opt} {value}: {message.removeprefix('Value error, ')}", None
 
 
 def flag_names(command) -> dict[str, str]:
@@ -85,8 +120,19 @@ def in_flag_terms(message: str, flags: dict[str, str]) -> str:
     return pattern.sub(lambda m: flags[m.group(1)] + " ", message)
 
 
+def without_flag_hints(params: list) -> list:
+    """A flag takes no value: no ``<bool>`` in its help line (an empty metavar leaves the type column blank)."""
+    for p in params:
+        if getattr(p, "is_flag", False) and not getattr(p, "count", False):
+            p.metavar = ""
+    return params
+
+
 class FlatcliCommand(TyperCommand):
     """Reports the library's errors in the words of this command's flags."""
+
+    def get_params(self, ctx):
+        return without_flag_hints(super().get_params(ctx))
 
     def invoke(self, ctx):
         try:
@@ -99,6 +145,9 @@ class FlatcliCommand(TyperCommand):
 class FlatcliGroup(TyperGroup):
     """Catches user mistakes once, at the boundary: one line on stderr, exit 2, no traceback; Ctrl-C: one
     line, exit 130."""
+
+    def get_params(self, ctx):
+        return without_flag_hints(super().get_params(ctx))
 
     def invoke(self, ctx):
         try:
@@ -119,7 +168,8 @@ class FlatcliGroup(TyperGroup):
             if not e.format_message().strip():  # no arguments at all: the help already said everything
                 sys.exit(e.exit_code)
             command = " ".join(["flatcli", *e.ctx.command_path.split()[1:]]) if e.ctx else "flatcli"
-            print_error(f"{describe_usage_error(e, args)} — see '{command} --help'")
+            what, fix = describe_usage_error(e, args)
+            print_error(f"{what} — {fix} (see '{command} --help')" if fix else f"{what} — see '{command} --help'")
             sys.exit(e.exit_code)
         except CLICK_ERRORS as e:
             print_error(e.format_message())
@@ -186,8 +236,8 @@ WorkersOpt = Annotated[int, typer.Option(
 TrustPickleOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow loading a whole pickled model. Unpickling runs code from the file: only for files you trust.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(
-    "--threads", min=1, show_default="auto",
-    help="CPU threads for torch (default: chosen per device and workload; the settings line says how many).")]
+    "--threads", min=1, show_default="1 on the CPU, torch's default with a GPU",
+    help="CPU threads for torch (the settings line says how many are used).")]
 ReplicaOpt = Annotated[str, typer.Option(
     "--replica", help="For rSGD runs: measure the center (default) or replica N.")]
 

@@ -109,14 +109,12 @@ def entropy_tables(labels: list[str], results: list, common) -> list:
     about = (f"{shared('sampler', '{}').upper()} · {first.chains} chains × {first.steps} steps "
              f"({first.burn_in} burn-in) · split {common.split.value} ({examples}) · {beta} · seed {common.seed}")
     mark = lambda r, row: " ↓" if row.loss_mean < r.loss else ""
-    s_rows = [[f"{g:g}"] + [plus_minus(r.rows[j].local_entropy, r.rows[j].local_entropy_sem) + mark(r, r.rows[j])
-                            for r in results] for j, g in enumerate(first.settings.gammas)]
-    d_rows = [[f"{g:g}"] + [v for r in results for v in (fmt(r.rows[j].distance, 3), fmt(r.rows[j].loss_mean))]
-              for j, g in enumerate(first.settings.gammas)]
-    head = lambda label, r: f"{label}\ncurvature {fmt(r.curvature, 3)}"
-    return [table("s(γ) ± sem: local entropy per parameter (0 = flat, closer to 0 = flatter)",
-                  ["γ"] + [head(label, r) for label, r in zip(labels, results)], s_rows,
-                  caption=about + " · ↓: ⟨L(w')⟩ < L(w), not at a minimum"),
-            table("⟨|w' − w|²⟩/N (distance per parameter) and ⟨L(w')⟩ (mean loss; L(w) the checkpoint's own)",
-                  ["γ"] + [what for r in results for what in ("distance", f"loss (L(w) {fmt(r.loss)})")], d_rows,
-                  caption="columns in the checkpoint order of the first table")]
+    rows = [[f"{g:g}"] + [v for r in results for v in
+                          (plus_minus(r.rows[j].local_entropy, r.rows[j].local_entropy_sem) + mark(r, r.rows[j]),
+                           fmt(r.rows[j].distance, 3), fmt(r.rows[j].loss_mean))]
+            for j, g in enumerate(first.settings.gammas)]
+    columns = ["γ"] + [c for label, r in zip(labels, results)  # each checkpoint named once, over its s column
+                       for c in (f"{label}\ns ± sem", "distance", f"⟨L(w')⟩\nL(w) {fmt(r.loss)}")]
+    return [table("s(γ) ± sem: local entropy per parameter (0 = flat, closer to 0 = flatter); distance "
+                  "⟨|w' − w|²⟩/N and mean loss ⟨L(w')⟩ of the coupled weights w'", columns, rows,
+                  caption=about + " · ↓: ⟨L(w')⟩ < L(w), not at a minimum")]

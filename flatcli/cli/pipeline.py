@@ -36,7 +36,7 @@ class SplitName(str, enum.Enum):
 
 CheckpointsArg = Annotated[list[Path], typer.Argument(
     metavar="CHECKPOINT", show_default=False,
-    help="One or more run folders, .safetensors/.pt/.pth files or TorchScript archives.")]
+    help="One or more run folders, .safetensors/.pt/.pth files, TorchScript archives or .pt2 torch.export programs.")]
 SplitOpt = Annotated[SplitName, typer.Option(
     "--split", help="Examples to measure on: train (the training examples, without augmentation) or test.")]
 MaxExamplesOpt = Annotated[Optional[int], typer.Option(
@@ -141,7 +141,11 @@ def run(measurement: Measurement, common: Common) -> None:
         measurement.check(loaded, inputs)
     examples = [inputs.examples(c) for c in loaded]
     settings = settings_dict(measurement.name, loaded, common, dev, dist, **measurement.settings(examples))
-    console.print(settings_line(settings))
+    if common.max_examples is not None:  # what is used: more than a split holds means all of it (with a note)
+        settings["max_examples"] = examples[0] if len(set(examples)) == 1 else examples
+    console.print(settings_text(settings))
+    for note in dict.fromkeys(n for c in loaded for n in getattr(c.data, "notes", ())):
+        console.print(f"note: {note}", highlight=False)
     for note in inputs.notes:
         console.print(f"note: {note}")
     results = []
@@ -290,6 +294,15 @@ def settings_line(settings: dict, skip=("command", "checkpoints", "version")) ->
     parts = [f"{k.replace('_', ' ')} {short(v)}" for k, v in settings.items() if k not in skip]
     return (f"{settings['command']} {settings['version']} on {len(settings['checkpoints'])} checkpoint(s): "
             + " · ".join(parts))
+
+
+def settings_text(settings: dict):
+    """The settings line as rich Text: the numbers of the settings highlighted, the command and version not
+    (the number highlighter would split ``0.2.0`` into two numbers)."""
+    from rich.highlighter import ReprHighlighter
+    from rich.text import Text
+    head, _, rest = settings_line(settings).partition(": ")
+    return Text(head + ": ") + ReprHighlighter()(Text(rest))
 
 
 def short(value) -> str:

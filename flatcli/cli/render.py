@@ -45,13 +45,15 @@ def plus_minus(mean: float, sem: float) -> str:
 
 
 def table(title: str, columns: list[str], rows: list[list], justify_first: str = "left",
-          caption: str | None = None) -> Table:
-    """A table with a short title, its settings in a caption line under it (so a narrow terminal wraps
-    nothing important), and plain (not highlighted) cells."""
-    t = Table(title=title, title_justify="left", header_style="bold", caption=caption, caption_justify="left",
-              highlight=False)
+          caption: str | None = None):
+    """A table with plain (not highlighted) cells, its title a line above it and its settings a caption line
+    under it. Title and caption are lines of their own, as wide as the terminal, so a narrow table (one
+    checkpoint) never wraps them into a column of fragments."""
+    from rich.console import Group
+    t = Table(header_style="bold", highlight=False)
     for i, c in enumerate(columns):
         t.add_column(c, justify=justify_first if i == 0 else "right")
     for r in rows:
         t.add_row(*[v if isinstance(v, Text) else fmt(v) for v in r])
-    return t
+    parts = [Text(title, style="italic"), t] + ([Text(caption, style="dim")] if caption else [])
+    return Group(*parts)

@@ -126,7 +126,8 @@ def train(
             from flatcli.training import Trainer
             trainer = Trainer.resume(resume, dev, epochs=epochs, steps=steps, dist=dist, save_every=save_every,
                                      model=model)
-            console.print(f"resuming {resume} at step {trainer.step} (epoch {trainer.epoch}) on {dev}{ranks}")
+            console.print(f"resuming {resume} at step {trainer.step} (epoch {trainer.epoch}) on {dev}{ranks} "
+                          f"({threads_in_use()} thread(s))", soft_wrap=True)  # one line, for logs and greps
         else:
             cfg = TrainConfig(algo=algo, epochs=epochs or D.epochs, steps=steps, batch_size=batch_size, lr=lr,
                               momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
@@ -142,8 +143,9 @@ def train(
             trainer = new_trainer(cfg, model, width, depth, data, data_dir, data_seed, n_train, n_test, loss, out,
                                   init, save_every, dist, dev, console, images, classes)
             console.print(f"training {trainer.model_spec.name} on {trainer.data.spec.name} with {cfg.algo} on "
-                          f"{dev}{ranks}: {len(trainer.data.train)} examples, batch {cfg.batch_size}, "
-                          f"{trainer.total_steps} steps → {trainer.out}")
+                          f"{dev}{ranks} ({threads_in_use()} thread(s)): {len(trainer.data.train)} examples, "
+                          f"batch {cfg.batch_size}, "
+                          f"{trainer.total_steps} steps → {trainer.out}", soft_wrap=True)
         stop["trainer"] = trainer
         if stop["asked"]:
             raise KeyboardInterrupt
@@ -152,6 +154,11 @@ def train(
         _interrupted_before_training(stop)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def threads_in_use() -> int:
+    import torch
+    return torch.get_num_threads()
 
 
 def _on_sigint(stop: dict) -> None:
@@ -186,6 +193,8 @@ def new_trainer(cfg, model, width, depth, data, data_dir, data_seed, n_train, n_
         model_spec = ModelSpec(name=model or "mlp", width=width, depth=depth)
     data_obj = load_data(DataSpec(name=data or DEFAULT_DATA, data_dir=str(data_dir), seed=data_seed,
                                   n_train=n_train, n_test=n_test, classes=parse_classes(classes), **(images or {})))
+    for note in data_obj.notes:
+        console.print(f"note: {note}", highlight=False)
     if loss is None and data_obj.num_classes is None:
         cfg.loss = "mse"
     out = Path(out) if out else default_out(data or DEFAULT_DATA, model_spec.name, cfg.algo)

@@ -17,7 +17,7 @@ from flatcli.data.digits import NUM_CLASSES as DIGITS_CLASSES
 from flatcli.data.digits import digits_splits
 from flatcli.data.teacher import NUM_CLASSES as TEACHER_CLASSES
 from flatcli.data.teacher import teacher_splits
-from flatcli.data.tensor_file import tensor_file_splits
+from flatcli.data.tensor_file import tensor_file_contents
 from flatcli.data.vision import TORCHVISION_SETS, imagefolder_splits, torchvision_splits
 from flatcli.errors import FlatcliError
 
@@ -41,7 +41,8 @@ def load_data(spec: DataSpec, *, download: bool = True) -> Data:
     elif name.startswith(IMAGEFOLDER_PREFIX):
         train, test, classes = imagefolder_splits(os.path.expanduser(name[len(IMAGEFOLDER_PREFIX):]), spec)
     elif name.lower().endswith(TENSOR_SUFFIXES):
-        train, test, classes = tensor_file_splits(os.path.expanduser(name))
+        train, test, classes, notes = tensor_file_contents(os.path.expanduser(name))
+        return make_data(spec, train, test, classes, notes=notes)
     else:
         hint = f" (a directory: use imagefolder:{name})" if os.path.isdir(name) else ""
         raise FlatcliError(f"unknown data {name!r}{hint}",

@@ -173,6 +173,7 @@ class Data:
     num_classes: int | None
     num_outputs: int
     images: bool
+    notes: tuple[str, ...] = ()  # what was inferred while reading (key names, layout), for the user to see
 
 
 def channel_stats(x: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:
@@ -204,10 +205,14 @@ def select_classes(split: Split, classes: tuple[int, int], num_classes: int | No
     keep = (split.y == classes[0]) | (split.y == classes[1])
     if not bool(keep.any()):
         raise FlatcliError(f"classes={classes}: no examples of either class in {name!r}", "pick other labels")
-    return Split(split.x[keep], (split.y[keep] == classes[1]).long(), split.mean, split.std)
+    labels = (split.y[keep] == classes[1]).long()
+    if not isinstance(split, Split):  # a streamed image folder: keep the files of the two classes
+        return split._with([f for f, k in zip(split.files, keep.tolist()) if k], labels)
+    return replace(split, x=split.x[keep], y=labels)
 
 
-def make_data(spec: DataSpec, train: Split, test: Split | None, num_classes: int | None) -> Data:
+def make_data(spec: DataSpec, train: Split, test: Split | None, num_classes: int | None,
+              notes: tuple[str, ...] | list[str] = ()) -> Data:
     """Assemble ``Data``: the two ``spec.classes`` when given (as labels 0, 1), then the n_train/n_test caps
     (first n after a shuffle seeded by spec.seed)."""
     if spec.classes is not None:
@@ -224,4 +229,4 @@ def make_data(spec: DataSpec, train: Split, test: Split | None, num_classes: int
     else:
         num_outputs = 1 if train.y.ndim == 1 else train.y.shape[1]
     images = len(input_shape) == 3 and input_shape[0] == 3
-    return Data(spec, train, test, input_shape, num_classes, num_outputs, images)
+    return Data(spec, train, test, input_shape, num_classes, num_outputs, images, tuple(notes))

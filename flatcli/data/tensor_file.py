@@ -1,10 +1,13 @@
 """A data set stored as a file of named tensors: .npz, .safetensors, or .pt (loaded with weights_only).
 
 Keys: ``x`` (n, *input_shape) and ``y`` (n,), optionally ``x_test`` and ``y_test`` (both or neither).
+The common other names are accepted too (``KEY_NAMES``: ``X``/``Y``, ``images``/``labels``, ``inputs``/``targets``,
+``data``/``target``, ``features``, with ``_test``/``test_`` forms), and a note says which were used.
 Integer ``y`` are class labels (num_classes = max label + 1 over train and test); floating ``y`` are
 regression targets, (n,) or (n, k). uint8 ``x`` of shape (n, C, H, W) are images, normalized per channel
 with the mean/std of the training images; any other ``x`` becomes float32 features, used as stored
-(a 1-D ``x`` is read as (n, 1)). No file is ever unpickled beyond tensors.
+(a 1-D ``x`` is read as (n, 1)). Images stored channels-last, (n, H, W, C) with C in 1, 3, 4 and H, W not,
+uint8 or float, are transposed to (n, C, H, W) (with a note). No file is ever unpickled beyond tensors.
 """
 import os
 
@@ -51,15 +54,60 @@ def numpy_tensor(key: str, a: np.ndarray, path: str) -> Tensor:
     return torch.as_tensor(np.ascontiguousarray(a))
 
 
+X_NAMES, Y_NAMES = ("x", "X", "images", "inputs", "data", "features"), ("y", "Y", "labels", "targets", "target", "label")
+KEY_NAMES = {"x": X_NAMES, "y": Y_NAMES,
+             "x_test": tuple(f for n in X_NAMES for f in (f"{n}_test", f"test_{n}")),
+             "y_test": tuple(f for n in Y_NAMES for f in (f"{n}_test", f"test_{n}"))}
+CHANNELS = (1, 3, 4)
+
+
+def find_keys(t: dict, path: str) -> tuple[dict, list[str]]:
+    """{x, y[, x_test, y_test]: the file's key for it} and notes naming the keys used when not the usual ones."""
+    found, notes = {}, []
+    for role, names in KEY_NAMES.items():
+        present = [n for n in names if n in t]
+        if names[0] in present:  # the usual name wins; another name for the same role is then unexpected
+            present = [names[0]]
+        if len(present) > 1:
+            raise FlatcliError(f"data file {path!r} has several keys for {role}: {', '.join(present)}",
+                               f"keep one of them, or rename it {role}")
+        if present:
+            found[role] = present[0]
+    missing = [k for k in ("x", "y") if k not in found]
+    unknown = sorted(set(t) - set(found.values()))
+    if missing or unknown or (("x_test" in found) != ("y_test" in found)):
+        problem = (f"missing {missing} (also read as: {'; '.join('/'.join(KEY_NAMES[k][1:]) for k in missing)})"
+                   if missing
+                   else f"unexpected keys {unknown}" if unknown else "only one of x_test, y_test")
+        raise FlatcliError(f"data file {path!r} has keys {sorted(t)}: {problem}", f"store {EXPECTED}")
+    if any(role != key for role, key in found.items()):
+        notes.append(f"data file {path}: using " + ", ".join(f"{key!r} as {role}" for role, key in found.items()))
+    return found, notes
+
+
+def channels_last(x: Tensor) -> bool:
+    """(n, H, W, C) images: 4-d, C (the last) in 1, 3, 4 and the would-be channel axis (the second) not."""
+    return x.ndim == 4 and x.shape[-1] in CHANNELS and x.shape[1] not in CHANNELS
+
+
 def tensor_file_splits(path: str) -> tuple[Split, Split | None, int | None]:
     """(train, test or None, num_classes or None for regression) of a tensor file."""
-    t = read_tensors(path)
-    missing = [k for k in ("x", "y") if k not in t]
-    unknown = sorted(set(t) - set(KEYS))
-    if missing or unknown or (("x_test" in t) != ("y_test" in t)):
-        problem = (f"missing {missing}" if missing else f"unexpected keys {unknown}" if unknown
-                   else "only one of x_test, y_test")
-        raise FlatcliError(f"data file {path!r} has keys {sorted(t)}: {problem}", f"store {EXPECTED}")
+    train, test, classes, _ = tensor_file_contents(path)
+    return train, test, classes
+
+
+def tensor_file_contents(path: str) -> tuple[Split, Split | None, int | None, list[str]]:
+    """(train, test or None, num_classes or None, notes): the notes say which keys and layout were read."""
+    raw = read_tensors(path)
+    keys, notes = find_keys(raw, path)
+    t = {role: raw[key] for role, key in keys.items()}
+    if channels_last(t["x"]):
+        shape = tuple(t["x"].shape)
+        for role in ("x", "x_test"):
+            if role in t and t[role].ndim == 4:
+                t[role] = t[role].permute(0, 3, 1, 2).contiguous()
+        notes.append(f"data file {path}: x {shape} read as channels-last images (n, H, W, C), used as "
+                     f"(n, C, H, W) {(shape[0], shape[3], shape[1], shape[2])}")
     train = make_split(t["x"], t["y"], "x", "y", path)
     test = make_split(t["x_test"], t["y_test"], "x_test", "y_test", path) if "x_test" in t else None
     if test is not None:
@@ -70,9 +118,9 @@ def tensor_file_splits(path: str) -> tuple[Split, Split | None, int | None]:
         if test is not None:
             test.mean, test.std = mean, std
     if train.y.is_floating_point():
-        return train, test, None
+        return train, test, None, notes
     top = max(int(s.y.max()) for s in (train, test) if s is not None)
-    return train, test, top + 1
+    return train, test, top + 1, notes
 
 
 def make_split(x: Tensor, y: Tensor, xk: str, yk: str, path: str) -> Split:

@@ -128,6 +128,10 @@ def parse_sigmas(text: str) -> list[float]:
             start, stop, num = float(parts[0]), float(parts[1]), int(parts[2])
             if num < 1:
                 raise FlatcliError(f"sigmas={text!r}: num must be at least 1, got {num}", fix)
+            if num == 1 and start != stop:  # e.g. 0:0.1:1 read as start:step:stop would silently give σ = 0 only
+                raise FlatcliError(f"sigmas={text!r} is start:stop:num with num 1: only σ = {start:g}, never "
+                                   f"{stop:g}", f"give num, e.g. {parts[0]}:{parts[1]}:11 for {num_example(start, stop)}"
+                                   f" (start:stop:num, both ends included)")
             values = [float(f"{start + (stop - start) * i / max(num - 1, 1):.12g}") for i in range(num)]
         elif len(parts) == 1:
             values = [float(part) for part in text.split(",")]
@@ -138,6 +142,10 @@ def parse_sigmas(text: str) -> list[float]:
             raise
         raise FlatcliError(f"cannot read sigmas {text!r}", fix) from None
     return sorted(set(check_sigmas(values)))
+
+
+def num_example(start: float, stop: float) -> str:
+    return f"{start:g}, {start + (stop - start) / 10:.12g}, …, {stop:g}"
 
 
 def _base_seed(seed: int | torch.Generator) -> int:

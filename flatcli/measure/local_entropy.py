@@ -107,6 +107,9 @@ def parse_gammas(text: str) -> list[float]:
         raise FlatcliError(f"cannot parse γ values {text!r}", fix) from None
     if len(parts) not in (1, 3) or num < 1 or not all(math.isfinite(v) and v > 0 for v in vals):
         raise FlatcliError(f"bad γ values {text!r}: they must be finite and positive", fix)
+    if len(parts) == 3 and num == 1 and vals[0] != vals[1]:  # 1:100:1 would silently give γ = 1 only
+        raise FlatcliError(f"gammas={text!r} is start:stop:num with num 1: only γ = {vals[0]:g}, never {vals[1]:g}",
+                           f"give num, e.g. {parts[0]}:{parts[1]}:5 (geometrically spaced, both ends included)")
     if len(parts) == 3:
         a, b = vals
         vals = [a] if num == 1 else [a * (b / a) ** (i / (num - 1)) for i in range(num - 1)] + [b]
