@@ -218,7 +218,7 @@ def test_train_help_shows_the_defaults_and_panels():
     params = {p.name: p for p in command("train").params}
     for name in ("epochs", "model", "data", "lr", "loss"):
         assert params[name].show_default not in (None, False, ""), name
-    assert "mlp" in str(params["model"].show_default) and "teacher" in str(params["data"].show_default)
+    assert "mlp" in str(params["model"].show_default) and "digits" in str(params["data"].show_default)
     for name in ("gamma", "gamma_growth"):
         assert "esgd" in params[name].rich_help_panel and "rsgd" in params[name].rich_help_panel
         assert params[name].rich_help_panel != "Replicated SGD (--algo rsgd)"
