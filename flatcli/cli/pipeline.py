@@ -129,6 +129,8 @@ def run(measurement: Measurement, common: Common) -> None:
     inputs = InputMaker(common.split.value, common.max_examples, common.seed, dev,
                         bn_examples=measurement.bn_examples)
     inputs.check(loaded)
+    for ckpt in loaded:
+        check_finite(ckpt, inputs)
     examples = [inputs.examples(c) for c in loaded]
     settings = settings_dict(measurement.name, loaded, common, dev, dist, **measurement.settings(examples))
     console.print(settings_line(settings))
@@ -151,6 +153,25 @@ def run(measurement: Measurement, common: Common) -> None:
     rows = [{"checkpoint": label, **row} for label, r in zip(labels, results) for row in measurement.rows(r)]
     if team.is_main:
         write_results(rows, ["checkpoint", *measurement.columns], settings, common.csv_out, common.json_out)
+
+
+PROBE_EXAMPLES = 256  # examples of the quick finite-loss check before any output
+
+
+def check_finite(loaded, inputs: "InputMaker") -> None:
+    """Before the settings line: finite weights, and a finite loss on the first examples of the split, so a
+    broken checkpoint is one error line (each estimator checks its full unperturbed loss again)."""
+    import torch
+    from flatcli.losses import loss_sum
+    from flatcli.measure._guard import check_finite_parameters, check_finite_value
+    try:
+        check_finite_parameters(loaded.model)
+        split = inputs._split(loaded)
+        x, y = split.batch(torch.arange(min(PROBE_EXAMPLES, len(split))))
+        with torch.no_grad():
+            check_finite_value("loss", float(loss_sum(loaded.model(x), y, loaded.loss)))
+    except FlatcliError as e:
+        raise FlatcliError(f"{loaded.label!r}: {e.what}", e.fix) from None
 
 
 def team_of(dist):
