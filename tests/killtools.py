@@ -11,8 +11,14 @@ import sys
 _CONTEXT = None
 
 
-def _flatcli(args: list[str], log: str | None) -> None:
-    """The child: flatcli ARGS, stdout and stderr to ``log`` (or nowhere), the exit code as the process's."""
+def _flatcli(args: list[str], log: str | None, address_space: int | None) -> None:
+    """The child: flatcli ARGS, stdout and stderr to ``log`` (or nowhere), the exit code as the process's;
+    ``address_space``: bytes of address space it may add to what it holds (RLIMIT_AS), as ``ulimit -v``."""
+    if address_space is not None:
+        import resource
+        with open("/proc/self/status") as f:
+            in_use = int([line for line in f if line.startswith("VmSize:")][0].split()[1]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (in_use + address_space, resource.RLIM_INFINITY))
     fd = os.open(log or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -31,7 +37,7 @@ def context():
     return _CONTEXT
 
 
-def start(args, log: str | None = None) -> multiprocessing.Process:
-    process = context().Process(target=_flatcli, args=([str(a) for a in args], log and str(log)))
+def start(args, log: str | None = None, address_space: int | None = None) -> multiprocessing.Process:
+    process = context().Process(target=_flatcli, args=([str(a) for a in args], log and str(log), address_space))
     process.start()
     return process

@@ -46,8 +46,8 @@ def read_tensors(path: str) -> dict[str, Tensor]:
     except FlatcliError:
         raise
     except pickle.UnpicklingError:  # torch's message would advise weights_only=False: running the file's code
-        raise FlatcliError(f"data file {path!r} holds pickled Python objects (numpy arrays? lists?), not only "
-                           "tensors, and flatcli never unpickles a data file",
+        raise FlatcliError(f"cannot read data file {path!r}: it holds pickled Python objects (numpy arrays? "
+                           "lists?), not only tensors, and flatcli never unpickles a data file",
                            "save torch tensors (torch.save({'x': torch.as_tensor(x), 'y': torch.as_tensor(y)}, "
                            "PATH)) or write an .npz with numpy.savez") from None
     except Exception as e:  # any parse failure means a corrupt file or content that is not plain tensors
