@@ -159,19 +159,21 @@ PROBE_EXAMPLES = 256  # examples of the quick finite-loss check before any outpu
 
 
 def check_finite(loaded, inputs: "InputMaker") -> None:
-    """Before the settings line: finite weights, and a finite loss on the first examples of the split, so a
-    broken checkpoint is one error line (each estimator checks its full unperturbed loss again)."""
+    """Before the settings line: finite weights, and a finite loss on the first of the examples to be
+    measured, so a broken checkpoint is one error line (each estimator checks its whole unperturbed loss)."""
     import torch
     from flatcli.losses import loss_sum
     from flatcli.measure._guard import check_finite_parameters, check_finite_value
     try:
         check_finite_parameters(loaded.model)
-        split = inputs._split(loaded)
-        x, y = split.batch(torch.arange(min(PROBE_EXAMPLES, len(split))))
+        measured = inputs(loaded)  # the examples, cached on the device for the work
+        x, y = (t[:PROBE_EXAMPLES] for t in measured.data)
         with torch.no_grad():
-            check_finite_value("loss", float(loss_sum(loaded.model(x), y, loaded.loss)))
+            check_finite_value("loss", float(loss_sum(measured.model(x), y, measured.loss)))
     except FlatcliError as e:
         raise FlatcliError(f"{loaded.label!r}: {e.what}", e.fix) from None
+    finally:
+        inputs.release(loaded)
 
 
 def team_of(dist):
