@@ -154,7 +154,9 @@ def test_links_to_devices_and_link_loops_are_refused(tmp_path):
     assert_user_error(invoke("info", tmp_path / "a.pt", *DATA), "a.pt")
     (tmp_path / "gone.pt").symlink_to(tmp_path / "nowhere.pt")
     assert_user_error(invoke("info", tmp_path / "gone.pt", *DATA), "does not exist")
-    assert_user_error(invoke("train", "--data", "/dev/zero", "--steps", "1", "--out", tmp_path / "o"), "/dev/zero")
+    (tmp_path / "zero.npz").symlink_to("/dev/zero")
+    assert_user_error(invoke("train", "--data", tmp_path / "zero.npz", "--steps", "1", "--out", tmp_path / "o"),
+                      "a device, not a regular file")
     assert not (tmp_path / "o").exists()
 
 

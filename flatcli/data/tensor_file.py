@@ -18,7 +18,7 @@ from torch import Tensor
 
 from flatcli.data.core import Split, channel_stats
 from flatcli.errors import FlatcliError
-from flatcli.io import check_allocation
+from flatcli.io import check_allocation, check_regular_file
 
 MAX_CLASSES = 2 ** 24  # integer labels above this are not class indices (and would size a huge output layer)
 
@@ -29,8 +29,9 @@ EXPECTED = "keys x, y and optionally x_test, y_test (x: (n, ...) numbers, y: (n,
 
 def read_tensors(path: str) -> dict[str, Tensor]:
     """The named tensors in ``path``, on the CPU; unreadable or non-tensor content is a FlatcliError."""
-    if not os.path.isfile(path):
-        raise FlatcliError(f"data file {path!r} does not exist", "check the path")
+    check_regular_file(path, "data file")  # missing, a FIFO or a device (reading /dev/zero never ends)
+    if os.path.isdir(path):
+        raise FlatcliError(f"data file {path!r} is a folder", "pass a .npz, .safetensors or .pt file")
     try:
         if path.lower().endswith(".npz"):
             check_npz_sizes(path)
