@@ -10,6 +10,7 @@ from flatcli.errors import FlatcliError
 
 FLOAT32_MAX = 3.4028234663852886e38
 SEED_LIMIT = 2 ** 63  # seeds of torch.Generator.manual_seed: non-negative and below 2^63 (int64)
+COUNT_LIMIT = 2 ** 62  # counts (samples, steps, chains): beyond it a count overflows C sizes, never finishes
 
 
 def _is_int(value) -> bool:
@@ -17,8 +18,8 @@ def _is_int(value) -> bool:
 
 
 def check_positive_int(name: str, value, least: int = 1, most: int | None = None) -> int:
-    if not _is_int(value) or value < least or (most is not None and value > most):
-        span = f">= {least}" if most is None else f"in {least}..{most}"
+    if not _is_int(value) or value < least or value > (COUNT_LIMIT if most is None else most):
+        span = f"in {least}..2^62" if most is None else f"in {least}..{most}"
         raise FlatcliError(f"{name}={value!r} is not an integer {span}", f"give {name} an integer {span}")
     return value
 

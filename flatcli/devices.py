@@ -5,6 +5,8 @@ import torch
 
 from flatcli.errors import FlatcliError
 
+MAX_THREADS = 4096  # torch.set_num_threads takes a C int; more threads than this is a typo
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA, then MPS, then CPU; otherwise the named device, checked to exist."""
@@ -44,7 +46,7 @@ def autocast(device: torch.device, enabled: bool):
 def set_threads(threads: int | None) -> int:
     """Set torch's CPU threads (intra-op) to ``threads``; None keeps torch's default. Returns the count in use."""
     if threads is not None:
-        if threads < 1:
-            raise FlatcliError(f"threads={threads} is below 1", "give threads=1 or more")
+        if not 1 <= threads <= MAX_THREADS:
+            raise FlatcliError(f"threads={threads} is not in 1..{MAX_THREADS}", "give threads=1 or more, up to the cores")
         torch.set_num_threads(threads)
     return torch.get_num_threads()

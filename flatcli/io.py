@@ -105,6 +105,7 @@ class RunLock:
         except OSError:
             owner = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(self.fd)
+            self.fd = None  # closed: __del__ must not close a descriptor number that may be reused
             raise FlatcliError(f"run folder {str(folder)!r} is in use by another flatcli train (process {owner})",
                                "wait for it to finish, or pick another --out") from None
         os.ftruncate(self.fd, 0)
@@ -150,3 +151,40 @@ def check_regular_file(path: str | os.PathLike, what: str) -> Path:
             "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
         raise FlatcliError(f"{what} {str(path)!r} is {kind}, not a regular file", "pass a file saved on disk")
     return path
+
+
+def available_memory() -> int:
+    """Bytes this process may still allocate: MemAvailable of /proc/meminfo, capped by what RLIMIT_AS leaves."""
+    total = None
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    total = int(line.split()[1]) * 1024
+    if total is None:
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            total = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    total = total or 2 ** 40
+    with contextlib.suppress(ImportError, OSError, ValueError):
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:  # the address space left under the limit
+            total = min(total, soft - _address_space_in_use())
+    return total
+
+
+def _address_space_in_use() -> int:
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    return 0
+
+
+def check_allocation(nbytes: int, what: str, fix: str) -> None:
+    """Refuse, before allocating, a size (declared by a file or an option) that cannot fit in memory."""
+    free = available_memory()
+    if nbytes > free:
+        raise FlatcliError(f"{what} needs {nbytes / 2 ** 30:.3g} GiB, more than the {max(free, 0) / 2 ** 30:.3g} "
+                           "GiB of memory available", fix)

@@ -258,3 +258,7 @@ def runs(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return root
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: longer than ~40 s on a busy 2-core machine (deselect with -m 'not slow')")

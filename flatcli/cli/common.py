@@ -262,6 +262,9 @@ def parse_replica(value: str):
 def check_output_target(path: Optional[str], option: str) -> None:
     """Fail before any work when an output file cannot be written (``-`` is stdout)."""
     if path is not None and path != "-":
+        if Path(path).is_dir():
+            raise FlatcliError(f"{option} {path!r} is a folder", f"name a file, e.g. {option} "
+                                                                  f"{str(Path(path) / 'out')}.{option[2:]}")
         parent = Path(path).parent
         if not parent.is_dir():
             raise FlatcliError(f"{option} {path!r}: folder {str(parent)!r} does not exist", "create it first or pick another path")

@@ -137,6 +137,8 @@ def run(measurement: Measurement, common: Common) -> None:
     inputs = InputMaker(common.split.value, common.max_examples, common.seed, dev,
                         bn_examples=measurement.bn_examples)
     inputs.check(loaded)
+    for ckpt in loaded:
+        check_finite(ckpt, inputs)
     if hasattr(measurement, "check"):  # optional: a measurement's own checks of every checkpoint, before any output
         measurement.check(loaded, inputs)
     examples = [inputs.examples(c) for c in loaded]
@@ -165,6 +167,27 @@ def run(measurement: Measurement, common: Common) -> None:
     rows = [{"checkpoint": label, **row} for label, r in zip(labels, results) for row in measurement.rows(r)]
     if team.is_main:
         write_results(rows, ["checkpoint", *measurement.columns], settings, common.csv_out, common.json_out)
+
+
+PROBE_EXAMPLES = 256  # examples of the quick finite-loss check before any output
+
+
+def check_finite(loaded, inputs: "InputMaker") -> None:
+    """Before the settings line: finite weights, and a finite loss on the first of the examples to be
+    measured, so a broken checkpoint is one error line (each estimator checks its whole unperturbed loss)."""
+    import torch
+    from flatcli.losses import loss_sum
+    from flatcli.measure._guard import check_finite_parameters, check_finite_value
+    try:
+        check_finite_parameters(loaded.model)
+        measured = inputs(loaded)  # the examples, cached on the device for the work
+        x, y = (t[:PROBE_EXAMPLES] for t in measured.data)
+        with torch.no_grad():
+            check_finite_value("loss", float(loss_sum(measured.model(x), y, measured.loss)))
+    except FlatcliError as e:
+        raise FlatcliError(f"{loaded.label!r}: {e.what}", e.fix) from None
+    finally:
+        inputs.release(loaded)
 
 
 def team_of(dist):

@@ -198,12 +198,14 @@ def new_trainer(cfg, model, width, depth, data, data_dir, data_seed, n_train, n_
     if loss is None and data_obj.num_classes is None:
         cfg.loss = "mse"
     out = Path(out) if out else default_out(data or DEFAULT_DATA, model_spec.name, cfg.algo)
-    if (out / "model.safetensors").exists():
-        console.print(f"note: replacing the run in {out} (use --resume {out} to continue it instead)")
+    replacing = (out / "model.safetensors").exists()
     if dist is not None:  # every rank must write into the same folder, the one rank 0 picked
         out = Path(distributed.broadcast(str(out)))
-    return Trainer(cfg, data_obj, model_spec, dev, out=out, dist=dist, save_every=save_every,
-                   init_state=init_raw.state_dict if init_raw is not None else None, init_source=init)
+    trainer = Trainer(cfg, data_obj, model_spec, dev, out=out, dist=dist, save_every=save_every,
+                      init_state=init_raw.state_dict if init_raw is not None else None, init_source=init)
+    if replacing:  # said once the folder is ours (a run in use is refused first, in one line)
+        console.print(f"note: replacing the run in {out} (use --resume {out} to continue it instead)")
+    return trainer
 
 
 def run_with_progress(trainer, console, stop: dict) -> None:

@@ -81,11 +81,12 @@ def check_spec(spec: DataSpec) -> DataSpec:
     if not isinstance(spec.name, str) or not isinstance(spec.data_dir, str):
         raise FlatcliError(f"data name and directory must be strings, got {spec.name!r}, {spec.data_dir!r}",
                            "pass text, e.g. --data cifar10 --data-dir data")
-    if not isinstance(spec.seed, int) or isinstance(spec.seed, bool) or spec.seed < 0:
-        raise FlatcliError(f"data seed must be a non-negative integer, got {spec.seed!r}", "pass e.g. 0")
+    # the teacher seeds its generators with 3 * seed + 2: below 2^62 that stays within 64 bits
+    if not isinstance(spec.seed, int) or isinstance(spec.seed, bool) or not 0 <= spec.seed < 2 ** 62:
+        raise FlatcliError(f"data seed must be an integer in 0..2^62−1, got {spec.seed!r}", "pass e.g. 0")
     for key in ("n_train", "n_test"):
         n = getattr(spec, key)
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 2 ** 62):
             raise FlatcliError(f"{key} must be a positive integer or unset, got {n!r}", "pass e.g. 1000, or omit it")
     from flatcli.data.stream import check_stream_options
     check_stream_options(spec.in_memory, spec.resize, spec.crop, spec.normalize, spec.workers)

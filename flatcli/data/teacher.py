@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from flatcli.data.core import DataSpec, Split
+from flatcli.io import check_allocation
 
 INPUT_DIM = 30
 NUM_CLASSES = 10
@@ -74,8 +75,10 @@ def balance(z: Tensor, steps: int = BALANCE_STEPS, rate: float = BALANCE_RATE) -
 def teacher_splits(spec: DataSpec) -> tuple[Split, Split]:
     """Train and test splits of the teacher set for ``spec.seed`` and sizes ``spec.n_train``/``spec.n_test``."""
     teacher = Teacher(torch.Generator().manual_seed(3 * spec.seed))
-    splits = []
-    for stream, n in ((1, spec.n_train or N_TRAIN), (2, spec.n_test or N_TEST)):
+    splits, sizes = [], (spec.n_train or N_TRAIN, spec.n_test or N_TEST)
+    check_allocation(4 * INPUT_DIM * sum(sizes), f"the teacher data of {sizes[0]} + {sizes[1]} examples",
+                     "ask for fewer examples (n_train, n_test)")
+    for stream, n in zip((1, 2), sizes):
         x = gaussian_rows(n, INPUT_DIM, torch.Generator().manual_seed(3 * spec.seed + stream))
         splits.append(Split(x, teacher.labels(x)))
     return splits[0], splits[1]

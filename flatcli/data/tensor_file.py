@@ -9,7 +9,11 @@ with the mean/std of the training images; any other ``x`` becomes float32 featur
 (a 1-D ``x`` is read as (n, 1)). Images stored channels-last, (n, H, W, C) with C in 1, 3, 4 and H, W not,
 uint8 or float, are transposed to (n, C, H, W) (with a note). No file is ever unpickled beyond tensors.
 """
+import math
 import os
+import pickle
+import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -17,6 +21,9 @@ from torch import Tensor
 
 from flatcli.data.core import Split, channel_stats
 from flatcli.errors import FlatcliError
+from flatcli.io import check_allocation, check_regular_file
+
+MAX_CLASSES = 2 ** 24  # integer labels above this are not class indices (and would size a huge output layer)
 
 KEYS = ("x", "y", "x_test", "y_test")
 EXPECTED = "keys x, y and optionally x_test, y_test (x: (n, ...) numbers, y: (n,) integer labels or " \
@@ -25,19 +32,28 @@ EXPECTED = "keys x, y and optionally x_test, y_test (x: (n, ...) numbers, y: (n,
 
 def read_tensors(path: str) -> dict[str, Tensor]:
     """The named tensors in ``path``, on the CPU; unreadable or non-tensor content is a FlatcliError."""
-    if not os.path.isfile(path):
-        raise FlatcliError(f"data file {path!r} does not exist", "check the path")
+    check_regular_file(path, "data file")  # missing, a FIFO or a device (reading /dev/zero never ends)
+    if os.path.isdir(path):
+        raise FlatcliError(f"data file {path!r} is a folder", "pass a .npz, .safetensors or .pt file")
     try:
         if path.lower().endswith(".npz"):
+            check_npz_sizes(path)
             with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:  # our handle: closed even if corrupt
                 arrays = {k: f[k] for k in f.files}
             return {k: numpy_tensor(k, a, path) for k, a in arrays.items()}
         if path.lower().endswith(".safetensors"):
             from safetensors.torch import load_file
             return load_file(path, device="cpu")
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about the pickle protocol: flatcli's line says it
+            warnings.simplefilter("ignore")
+            content = torch.load(path, map_location="cpu", weights_only=True)
     except FlatcliError:
         raise
+    except pickle.UnpicklingError:  # torch's message would advise weights_only=False: running the file's code
+        raise FlatcliError(f"cannot read data file {path!r}: it holds pickled Python objects (numpy arrays? "
+                           "lists?), not only tensors, and flatcli never unpickles a data file",
+                           "save torch tensors (torch.save({'x': torch.as_tensor(x), 'y': torch.as_tensor(y)}, "
+                           "PATH)) or write an .npz with numpy.savez") from None
     except Exception as e:  # any parse failure means a corrupt file or content that is not plain tensors
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FlatcliError(f"cannot read data file {path!r} ({reason})",
@@ -46,6 +62,30 @@ def read_tensors(path: str) -> dict[str, Tensor]:
         raise FlatcliError(f"data file {path!r} holds a {type(content).__name__}, not a dict of tensors",
                            f"save a dict with {EXPECTED}")
     return content
+
+
+def check_npz_sizes(path: str) -> None:
+    """Before numpy allocates anything: every member's .npy header declares no more bytes than the member
+    holds, and all of them together fit in memory (a small compressed file may expand to gigabytes)."""
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                with z.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(f)
+                declared = math.prod(shape) * dtype.itemsize
+                if declared > info.file_size:
+                    raise FlatcliError(f"{info.filename!r} in {path!r} declares shape {shape} ({declared} bytes) "
+                                       f"but holds {info.file_size} bytes", "the file is damaged: write it again")
+                total += info.file_size
+    except FlatcliError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+        return  # not a readable archive: numpy's own reading says so
+    check_allocation(total, f"data file {path!r} (its arrays uncompressed)", "use a smaller data file")
 
 
 def numpy_tensor(key: str, a: np.ndarray, path: str) -> Tensor:
@@ -120,6 +160,9 @@ def tensor_file_contents(path: str) -> tuple[Split, Split | None, int | None, li
     if train.y.is_floating_point():
         return train, test, None, notes
     top = max(int(s.y.max()) for s in (train, test) if s is not None)
+    if top >= MAX_CLASSES:
+        raise FlatcliError(f"data file {path!r} has the integer label {top}: {top + 1} classes", f"integer y are "
+                           f"class labels 0..K-1 with K at most {MAX_CLASSES}; store regression targets as floats")
     return train, test, top + 1, notes
 
 

@@ -22,12 +22,14 @@ Image models take inputs of shape (C, H, W), any C. Weights get PyTorch's defaul
 the global RNG, so ``torch.manual_seed(s); build_model(...)`` is reproducible; or pass ``seed=`` to draw them
 from a private stream that leaves the global RNG untouched.
 """
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 
 from flatcli.errors import FlatcliError
+from flatcli.io import check_allocation
 from flatcli.models import committee, external, hub, resnet, small
 
 MODEL_NAMES = ("linear", "mlp", "lenet", "convnet", "resnet20", "resnet110", "resnet18")
@@ -99,6 +101,19 @@ def check_spec(spec: ModelSpec, input_shape: tuple[int, ...], num_outputs: int) 
                            "pass a larger --width")
     if spec.name == "mlp" and spec.depth < 0:
         raise FlatcliError(f"mlp depth must be at least 0, got {spec.depth}", "pass --depth 0 or more")
+    check_allocation(4 * estimated_parameters(spec, input_shape, num_outputs),
+                     f"model {spec.name} of width {spec.width} and depth {spec.depth}", "pass a smaller --width/--depth")
+
+
+def estimated_parameters(spec: ModelSpec, input_shape: tuple[int, ...], num_outputs: int) -> int:
+    """Parameters of the sized models (mlp, convnet) from their sizes alone, before any is allocated; 0 else."""
+    w, inputs = spec.width, math.prod(input_shape)
+    if spec.name == "mlp":
+        return (inputs * w + (spec.depth - 1) * w * w + w * num_outputs) if spec.depth else inputs * num_outputs
+    if spec.name == "convnet":
+        c = input_shape[0] if len(input_shape) == 3 else 1
+        return 9 * (c * w // 4 + (w // 4) * (w // 2) + (w // 2) * w) + w * num_outputs
+    return 0
 
 
 def build_model(spec: ModelSpec, input_shape: tuple[int, ...], num_outputs: int,

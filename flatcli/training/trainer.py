@@ -322,17 +322,23 @@ class Trainer:
             distributed.all_reduce_([total])
             running = total.tolist()
         algorithm_state, streams = self.algorithm.state_dict(), self._streams()
-        self.last_good = self.step
+        kept, self.last_good = self.last_good, self.step
         if not self.writes:
             return
-        ckpt.save_torch(self.out / ckpt.STATE, {
-            "format": STATE_FORMAT, "meta": meta, "step": self.step, "epoch": self.epoch,
-            "epoch_step": self.epoch_step, "seconds": self.seconds, "running": running, "streams": streams,
-            "rows": self.rows, "algorithm": algorithm_state})
-        ckpt.save_weights(self.out / ckpt.WEIGHTS, center.state_dict(), meta)
-        for name, tensors in self.algorithm.extra_weights(algorithm_state).items():
-            ckpt.save_weights(self.out / name, tensors)
-        write_text_atomic(self.out / ckpt.METRICS, rows_to_csv(self.rows))
+        try:
+            ckpt.save_torch(self.out / ckpt.STATE, {
+                "format": STATE_FORMAT, "meta": meta, "step": self.step, "epoch": self.epoch,
+                "epoch_step": self.epoch_step, "seconds": self.seconds, "running": running, "streams": streams,
+                "rows": self.rows, "algorithm": algorithm_state})
+            kept = self.step
+            ckpt.save_weights(self.out / ckpt.WEIGHTS, center.state_dict(), meta)
+            for name, tensors in self.algorithm.extra_weights(algorithm_state).items():
+                ckpt.save_weights(self.out / name, tensors)
+            write_text_atomic(self.out / ckpt.METRICS, rows_to_csv(self.rows))
+        except FlatcliError as e:  # a full disk: say what the folder still holds
+            held = (f"the run folder keeps the state of step {kept}: --resume {self.out} continues from there"
+                    if kept is not None else "nothing resumable was saved")
+            raise FlatcliError(f"{e.what}; {held}", e.fix) from None
 
     @classmethod
     def resume(cls, run: str | Path, device: torch.device, epochs: int | None = None,
