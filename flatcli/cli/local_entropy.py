@@ -13,7 +13,8 @@ from flatcli.cli.render import fmt, plus_minus, table
 DEFAULT_GAMMAS = "0.3,1,3,10,30,100,300"
 COLUMNS = ["gamma", "local_entropy", "local_entropy_sem", "distance", "loss_mean", "error_mean",
            "beta", "chains", "steps", "burn_in", "sampler", "acceptance", "langevin_lr", "curvature",
-           "checkpoint_loss", "checkpoint_error", "examples", "parameters", "loss_function", "split", "seed"]
+           "checkpoint_loss", "checkpoint_error", "examples", "parameters", "loss_function", "split", "seed",
+           "rhat", "ess", "converged"]
 
 
 @pipeline.measurement_command
@@ -71,9 +72,10 @@ class EntropyMeasurement:
 
     def notes(self, labels, results):
         downhill = [label for label, r in zip(labels, results) if any(row.loss_mean < r.loss for row in r.rows)]
-        return [f"⟨L(w')⟩ < L(w) at some γ for {', '.join(downhill)}: lower loss lies within reach, the checkpoint "
-                f"is not at a minimum (marked ↓ in the table), so s mixes flatness with unfinished training"] \
+        lines = [f"⟨L(w')⟩ < L(w) at some γ for {', '.join(downhill)}: lower loss lies within reach, the checkpoint "
+                 f"is not at a minimum (marked ↓ in the table), so s mixes flatness with unfinished training"] \
             if downhill else []
+        return lines + unconverged_note(labels, results)
 
     def details(self, label, result):
         """What the measurement resolved for one checkpoint: β, curvature, sampler and the whole internal ladder."""
@@ -92,7 +94,7 @@ def entropy_tables(labels: list[str], results: list, common) -> list:
     examples, beta = shared("n_examples", "{} examples"), shared("beta", "β {:g}")
     about = (f"{shared('sampler', '{}').upper()} · {first.chains} chains × {first.steps} steps "
              f"({first.burn_in} burn-in) · split {common.split.value} ({examples}) · {beta} · seed {common.seed}")
-    mark = lambda r, row: " ↓" if row.loss_mean < r.loss else ""
+    mark = lambda r, row: (" ↓" if row.loss_mean < r.loss else "") + ("" if row.converged else " ?")
     s_rows = [[f"{g:g}"] + [plus_minus(r.rows[j].local_entropy, r.rows[j].local_entropy_sem) + mark(r, r.rows[j])
                             for r in results] for j, g in enumerate(first.settings.gammas)]
     d_rows = [[f"{g:g}"] + [v for r in results for v in (fmt(r.rows[j].distance, 3), fmt(r.rows[j].loss_mean))]
@@ -100,7 +102,26 @@ def entropy_tables(labels: list[str], results: list, common) -> list:
     head = lambda label, r: f"{label}\ncurvature {fmt(r.curvature, 3)}"
     return [table("s(γ) ± sem: local entropy per parameter (0 = flat, closer to 0 = flatter)",
                   ["γ"] + [head(label, r) for label, r in zip(labels, results)], s_rows,
-                  caption=about + " · ↓: ⟨L(w')⟩ < L(w), not at a minimum"),
+                  caption=about + " · ↓: ⟨L(w')⟩ < L(w), not at a minimum · ?: not converged (R̂ > 1.01 or ESS < 100)"),
             table("⟨|w' − w|²⟩/N (distance per parameter) and ⟨L(w')⟩ (mean loss; L(w) the checkpoint's own)",
                   ["γ"] + [what for r in results for what in ("distance", f"loss (L(w) {fmt(r.loss)})")], d_rows,
                   caption="columns in the checkpoint order of the first table")]
+
+
+def unconverged_note(labels: list[str], results: list) -> list[str]:
+    """One line naming every (checkpoint, γ) whose chains did not pass R̂ ≤ 1.01 and ESS ≥ 100, and the flag that
+    helps: --steps when the chains disagree (R̂), --chains or --steps when they merely have too few samples."""
+    from flatcli.measure.diagnostics import ESS_MIN, RHAT_MAX
+    bad = [(label, row) for label, r in zip(labels, results) for row in r.rows if not row.converged]
+    if not bad:
+        return []
+    where = "; ".join(f"{label} at γ {', '.join(f'{row.gamma:g}' for _, row in group)}"
+                      for label in dict.fromkeys(label for label, _ in bad)
+                      for group in [[b for b in bad if b[0] == label]])
+    rhats = [row.rhat for _, row in bad]
+    cure = ("--chains 2 or more (R̂ compares chains)" if any(v != v for v in rhats) else
+            "more --steps (the chains have not mixed)" if any(v > RHAT_MAX for v in rhats) else
+            "more --chains or --steps (too few effective samples)")
+    worst = max((row.rhat for _, row in bad if row.rhat == row.rhat), default=float("nan"))
+    return [f"not converged (R̂ > {RHAT_MAX} or ESS < {ESS_MIN:g}; worst R̂ {worst:.3g}), marked ? in the table: "
+            f"{where}; s and the distance there may be biased — use {cure}"]

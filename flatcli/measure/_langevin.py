@@ -146,9 +146,11 @@ class Langevin:
     def run(self, delta, gamma, lr, steps, burn_in, adapt=False, tick=None):
         """steps transitions from δ (C, N) at coupling γ with step sizes lr (C,) float64, the first burn_in
         discarded (and, with adapt, used to tune each chain's lr toward TARGET_ACCEPT).
-        Returns (δ, lr, {stat: (C,) mean over kept steps})."""
+        Returns (δ, lr, {stat: (C,) mean over kept steps, and "trace": (C, steps − burn_in, 2) dot and sq
+        at every kept step, for the convergence diagnostics})."""
         names = ("dot", "sq", "loss", "error", "accept")  # dot = δ·∇L(w+δ), sq = |δ|²
         sums = {k: torch.zeros(len(delta), dtype=torch.float64, device=delta.device) for k in names}
+        trace = []
         cur = self.energy(delta) if self.mala else None
         for step in range(steps):
             if self.mala:
@@ -163,11 +165,13 @@ class Langevin:
                 delta = delta - lr.float()[:, None] * (gL + gamma * delta) + self._noise(lr)
             if step >= burn_in:
                 x = delta if self.mala else kept
-                for k, v in zip(names, ((x * gL).sum(1), (x * x).sum(1), L, E, acc)):
+                values = ((x * gL).sum(1), (x * x).sum(1), L, E, acc)
+                for k, v in zip(names, values):
                     sums[k] += v
+                trace.append(torch.stack(values[:2], 1).double())
             if tick:
                 tick()
-        return delta, lr, {k: v / (steps - burn_in) for k, v in sums.items()}
+        return delta, lr, {**{k: v / (steps - burn_in) for k, v in sums.items()}, "trace": torch.stack(trace, 1)}
 
     def _mala(self, delta, cur, gamma, lr):
         """One Metropolis-adjusted step; returns (δ, (L, ε, ∇L) at δ, acceptance probability (C,))."""

@@ -51,6 +51,8 @@ def _rhat(x: np.ndarray) -> float:
     n = x.shape[1]
     W = x.var(axis=1, ddof=1).mean()
     B = n * x.mean(axis=1).var(ddof=1)
+    if W == 0:  # every chain stuck at one value: not mixed if they differ
+        return math.inf if B > 0 else math.nan
     return float(math.sqrt((B / W + n - 1) / n))
 
 
