@@ -29,6 +29,7 @@ def local_entropy(
     langevin_lr: Annotated[Optional[float], typer.Option(help="A fixed Langevin step η at every γ (default: c/(curvature + γ), each chain tuning c toward 60% acceptance during burn-in).", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Minibatch for SGLD (default: all the examples: full-batch Langevin with a Metropolis correction, MALA, which is exact).", show_default=False)] = None,
     loss: Annotated[Optional[Loss], typer.Option(help="Loss L of the energy βL (default: the checkpoint's loss).", show_default=False)] = None,
+    precondition: Annotated[int, typer.Option(min=0, help="Precondition each Langevin step by the top K Hessian eigenpairs (Lanczos): direction i steps c/(h_i + γ), the others c/(h_K + γ), so soft directions equilibrate as fast as stiff ones on ill-conditioned landscapes; 0: one step c/(curvature + γ) for all.")] = 0,
 ):
     """Local entropy s(γ): the log-volume of low-loss weights around the checkpoint, per parameter, relative to a flat landscape.
 
@@ -38,7 +39,8 @@ def local_entropy(
     """
     from flatcli.measure.local_entropy import EntropySettings, parse_gammas
     settings = EntropySettings(tuple(parse_gammas(gammas)), beta, steps, burn_in, chains, chains_per_pass,
-                               langevin_lr, batch_size, loss.value if loss else "cross-entropy", seed=common.seed)
+                               langevin_lr, batch_size, loss.value if loss else "cross-entropy", seed=common.seed,
+                               precondition=precondition)
     pipeline.run(EntropyMeasurement(settings, loss is not None, common.split.value), common)
 
 
@@ -56,7 +58,8 @@ class EntropyMeasurement:
         return {"gammas": list(s.gammas), "beta": self.betas[0] if len(set(self.betas)) == 1 else self.betas,
                 "beta_from": "--beta" if s.beta is not None else "the number of examples", "steps": s.steps,
                 "burn_in": s.burn_in, "chains": s.chains, "chains_per_pass": s.chains_per_pass,
-                "langevin_lr": s.langevin_lr or "auto", "batch_size": s.batch_size}
+                "langevin_lr": s.langevin_lr or "auto", "batch_size": s.batch_size,
+                "precondition": s.precondition}
 
     def measure(self, x, callback):
         from dataclasses import replace

@@ -32,6 +32,7 @@ from flatcli.errors import FlatcliError
 from flatcli.choices import check_loss
 from flatcli.measure import diagnostics
 from flatcli.measure._guard import check_finite_parameters, check_finite_value
+from flatcli.measure._lanczos import lanczos
 from flatcli.measure._langevin import FlatEnergy, Langevin
 from flatcli.measure._perturb import draw_seed
 from flatcli.checks import FLOAT32_MAX, check_float, check_positive_int, check_seed
@@ -163,6 +164,7 @@ class EntropySettings:
     loss: str | Callable = "cross-entropy"
     points_per_decade: int = 3
     seed: int = 0
+    precondition: int = 0  # top Hessian eigenpairs in the step's preconditioner (0: none)
 
     def __post_init__(self):
         try:
@@ -187,6 +189,9 @@ class EntropySettings:
         if not callable(self.loss):
             check_loss(self.loss)
         check_seed("seed", self.seed)
+        if not _is_count(self.precondition) or self.precondition < 0:
+            raise FlatcliError(f"precondition={self.precondition!r} is not an integer >= 0",
+                               "pass the number of Hessian eigenpairs, or 0 for none")
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -202,7 +207,7 @@ def local_entropy(model: torch.nn.Module, data, gammas: Sequence[float], *, beta
                   batch_size: int | None = None, loss: str | Callable = "cross-entropy",
                   points_per_decade: int = 3, seed: int = 0,
                   callback: Callable[[int, int], None] | None = None,
-                  chains_per_pass: int = 4) -> LocalEntropyResult:
+                  chains_per_pass: int = 4, precondition: int = 0) -> LocalEntropyResult:
     """Normalized local entropy s(γ) of the model's current weights w at each γ in gammas.
 
     data: (inputs, targets) tensors, or None with ``loss`` a callable energy(params: dict) -> scalar.
@@ -223,9 +228,15 @@ def local_entropy(model: torch.nn.Module, data, gammas: Sequence[float], *, beta
     how the passes are shared out among the processes of a team (``flatcli.parallel``), which take the
     passes p ≡ rank (mod world); the curvature is rank 0's everywhere, so every process builds the same γ
     ladder, and the result equals the one-process result bit for bit.
+
+    precondition: k > 0 preconditions every step by the top k Hessian eigenpairs (h_i, v_i) at w (Lanczos on
+    Hessian-vector products, rank 0's): direction v_i steps η_i = c/(h_i⁺ + γ), every other direction
+    c/(h_k⁺ + γ), so stiff and soft directions relax alike; MALA stays exact (the same D in the proposal and
+    in its density). k = N preconditions every direction. Cost: about k + 10 Hessian-vector products once,
+    and O(C N k) per step.
     """
     settings = EntropySettings(tuple(gammas), beta, steps, burn_in, chains, chains_per_pass, langevin_lr,
-                               batch_size, loss, points_per_decade, seed)
+                               batch_size, loss, points_per_decade, seed, precondition)
     return measure(model, data, settings, callback=callback)
 
 
@@ -251,6 +262,7 @@ def _measure(energy, s: EntropySettings, callback):
     beta = float(energy.n if s.beta is None else s.beta)
     passes = [list(range(c, min(c + s.chains_per_pass, s.chains))) for c in range(0, s.chains, s.chains_per_pass)]
     h = team.first(energy.curvature(torch.Generator(device=device).manual_seed(s.seed)))  # one ladder for all
+    eig = team.first(_eigenpairs(energy, s.precondition, s.seed)) if s.precondition else None
     ladder = gamma_ladder(s.gammas, max(s.gammas[-1], TAIL_FACTOR * h), s.points_per_decade)
     at_w = [float(v[0]) for v in energy(torch.zeros(1, N, device=device))[:2]]  # L(w), ε(w)
     check_finite_value("loss", at_w[0])
@@ -263,7 +275,8 @@ def _measure(energy, s: EntropySettings, callback):
         return Langevin(energy, beta, gens, s.batch_size, torch.Generator(device=device).manual_seed(
             draw_seed(s.seed, BATCH_STREAM)))
 
-    runs = [_run_ladder(sampler(chains), ladder, h, s.steps, s.burn_in, s.langevin_lr, tick) for chains in mine]
+    runs = [_run_ladder(sampler(chains), ladder, h, s.steps, s.burn_in, s.langevin_lr, tick, eig)
+            for chains in mine]
     per_chain = torch.cat(team.gather_units(runs, len(passes))).numpy()  # (chains, ladder, stats + trace)
     return _summarize(per_chain[..., :len(STATS)], per_chain[..., len(STATS):].reshape(
         *per_chain.shape[:2], -1, 2), s, ladder, beta, N, energy, h, Langevin.is_mala(energy, s.batch_size), at_w)
@@ -314,13 +327,26 @@ def _check_finite(per_chain, ladder):
                            "lower the Langevin lr, or leave it unset to choose it from the curvature")
 
 
-def _run_ladder(sampler, ladder, h, steps, burn_in, langevin_lr, tick) -> torch.Tensor:
+def _eigenpairs(energy, k, seed):
+    """The top min(k, N) Hessian eigenpairs at w, (values (k,) clamped at 0, vectors (N, k)), on the CPU."""
+    N = energy.w.numel()
+    k = min(k, N)
+    gen = torch.Generator(device=energy.w.device).manual_seed(draw_seed(seed, -2))
+    values, vectors, _, _ = lanczos(energy.hvp(gen), N, k, which="LA", tol=1e-3, max_iters=min(N, 2 * k + 10),
+                                    generator=gen, device=energy.w.device)
+    return values.clamp(min=0).cpu(), vectors.cpu()
+
+
+def _run_ladder(sampler, ladder, h, steps, burn_in, langevin_lr, tick, eig=None) -> torch.Tensor:
     """Chains from the largest γ down, each γ warm-started from the previous one.
     Returns the per-chain means of STATS, then the kept steps' (dot, sq) traces, flattened:
     (chains, ladder, len(STATS) + 2 × kept) float64 on the CPU, in ascending γ;
-    NaN from the γ where a chain diverged on."""
+    NaN from the γ where a chain diverged on. eig: (values, vectors) of the preconditioner, or None."""
     C, N, beta = len(sampler.gens), sampler.energy.w.numel(), sampler.beta
     device = sampler.energy.w.device
+    if eig is not None:  # the base step serves the directions outside V: c/(h_k + γ)
+        values, V = eig[0].to(device), eig[1].to(device, torch.float32)
+        h = float(values[-1])
     c0 = min(1.0, 2 * N ** (-1 / 3)) if sampler.mala else SGLD_SCALE
     scale = torch.full((C,), c0, dtype=torch.float64, device=device)  # c = η (h + γ), per chain
     # start near equilibrium at γ_max ≫ h: p_γmax ≈ N(0, I/(β γ_max))
@@ -333,6 +359,8 @@ def _run_ladder(sampler, ladder, h, steps, burn_in, langevin_lr, tick) -> torch.
         if prev:  # flat directions (h ≪ γ) get their exact variance 1/(βγ) at once; stiff ones relax fast
             delta = delta * math.sqrt(prev / gamma)
         lr = torch.full_like(scale, langevin_lr) if langevin_lr else scale / (h + gamma)
+        if eig is not None:  # direction v_i: η d_i = c/(h_i + γ)
+            sampler.precond = (V, ((h + gamma) / (values + gamma)).float())
         delta, lr, st = sampler.run(delta, gamma, lr, steps, burn_in,
                                     adapt=sampler.mala and langevin_lr is None, tick=tick)
         out[:, j, :len(STATS)] = torch.stack([*(st[k] for k in STATS[:-1]), lr], 1).cpu()
