@@ -138,13 +138,13 @@ class Langevin:
         self.mala = self.is_mala(energy, batch_size)
         self.batch_size = batch_size
         self._perm, self._pos = None, 0
-        self.precond = None  # (V (N, k), d (k,)): the step is η D, D = V diag(d) Vᵀ + (I − V Vᵀ)
+        self.precond = None  # (V (N, k), d (k,), V in float64): the step is η D, D = V diag(d) Vᵀ + (I − V Vᵀ)
 
     def _D(self, x, power=1.0):
         """D^power x for x (C, N) (x itself without a preconditioner)."""
         if self.precond is None:
             return x
-        V, d = self.precond
+        V, d, _ = self.precond
         return x + ((x @ V) * (d ** power - 1)) @ V.T
 
     def _norm_inv(self, r):
@@ -152,8 +152,8 @@ class Langevin:
         r = r.double()
         out = (r ** 2).sum(1)
         if self.precond is not None:
-            V, d = self.precond
-            out = out + ((r @ V.double()) ** 2 * (1 / d.double() - 1)).sum(1)
+            _, d, V64 = self.precond
+            out = out + ((r @ V64) ** 2 * (1 / d.double() - 1)).sum(1)
         return out
 
     @staticmethod

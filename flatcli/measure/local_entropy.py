@@ -18,7 +18,8 @@ one-process result.
 Default step (lr parameterization δ ← δ − η∇U + sqrt(2η/β) ξ): η_γ = c/(h + γ), h the curvature estimate;
 c starts at min(1, 2 N^(-1/3)) and each chain tunes its own toward 60% acceptance during burn-in
 (MALA, full batch), or c is fixed at 0.02 (SGLD, minibatches: discretization bias ≈ c/2 ≈ 1%, plus the
-usual minibatch-noise bias).
+usual minibatch-noise bias). With precondition = k > 0, h is the k-th Hessian eigenvalue and the top k
+eigen-directions get η_i = c/(h_i + γ) through the preconditioner of _langevin.Langevin (MALA stays exact).
 """
 import math
 from dataclasses import dataclass
@@ -360,7 +361,7 @@ def _run_ladder(sampler, ladder, h, steps, burn_in, langevin_lr, tick, eig=None)
             delta = delta * math.sqrt(prev / gamma)
         lr = torch.full_like(scale, langevin_lr) if langevin_lr else scale / (h + gamma)
         if eig is not None:  # direction v_i: η d_i = c/(h_i + γ)
-            sampler.precond = (V, ((h + gamma) / (values + gamma)).float())
+            sampler.precond = (V, ((h + gamma) / (values + gamma)).float(), V.double())
         delta, lr, st = sampler.run(delta, gamma, lr, steps, burn_in,
                                     adapt=sampler.mala and langevin_lr is None, tick=tick)
         out[:, j, :len(STATS)] = torch.stack([*(st[k] for k in STATS[:-1]), lr], 1).cpu()
