@@ -16,7 +16,8 @@ from flatcli.errors import FlatcliError
 DEFAULT_GAMMAS = "0.3,1,3,10,30,100,300"
 COLUMNS = ["gamma", "local_entropy", "local_entropy_sem", "distance", "loss_mean", "error_mean",
            "beta", "chains", "steps", "burn_in", "sampler", "acceptance", "langevin_lr", "curvature",
-           "checkpoint_loss", "checkpoint_error", "examples", "parameters", "loss_function", "split", "seed"]
+           "checkpoint_loss", "checkpoint_error", "examples", "parameters", "loss_function", "split", "seed",
+           "rhat", "ess", "converged"]
 
 
 @pipeline.measurement_command
@@ -37,6 +38,7 @@ def local_entropy(
     damping: DampingOpt = 0.5,
     bp_tolerance: BPTolOpt = 1e-7,
     bp_iters: BPItersOpt = 2000,
+    precondition: Annotated[int, typer.Option(min=0, help="Precondition each Langevin step by the top K Hessian eigenpairs (Lanczos): direction i steps c/(h_i + γ), the others c/(h_K + γ), so soft directions equilibrate as fast as stiff ones on ill-conditioned landscapes; 0: one step c/(curvature + γ) for all.")] = 0,
 ):
     """Local entropy s(γ): the log-volume of low-loss weights around the checkpoint, per parameter, relative to a flat landscape.
 
@@ -53,7 +55,8 @@ def local_entropy(
     reject_bp_options(couplings, distances)
     from flatcli.measure.local_entropy import EntropySettings, parse_gammas
     settings = EntropySettings(tuple(parse_gammas(gammas)), beta, steps, burn_in, chains, chains_per_pass,
-                               langevin_lr, batch_size, loss.value if loss else "cross-entropy", seed=common.seed)
+                               langevin_lr, batch_size, loss.value if loss else "cross-entropy", seed=common.seed,
+                               precondition=precondition)
     pipeline.run(EntropyMeasurement(settings, loss is not None, common.split.value), common)
 
 
@@ -71,7 +74,8 @@ class EntropyMeasurement:
         return {"gammas": list(s.gammas), "beta": self.betas[0] if len(set(self.betas)) == 1 else self.betas,
                 "beta_from": "--beta" if s.beta is not None else "the number of examples", "steps": s.steps,
                 "burn_in": s.burn_in, "chains": s.chains, "chains_per_pass": s.chains_per_pass,
-                "langevin_lr": s.langevin_lr or "auto", "batch_size": s.batch_size}
+                "langevin_lr": s.langevin_lr or "auto", "batch_size": s.batch_size,
+                "precondition": s.precondition}
 
     def measure(self, x, callback):
         from dataclasses import replace
@@ -87,9 +91,10 @@ class EntropyMeasurement:
 
     def notes(self, labels, results):
         downhill = [label for label, r in zip(labels, results) if any(row.loss_mean < r.loss for row in r.rows)]
-        return [f"⟨L(w')⟩ < L(w) at some γ for {', '.join(downhill)}: lower loss lies within reach, the checkpoint "
-                f"is not at a minimum (marked ↓ in the table), so s mixes flatness with unfinished training"] \
+        lines = [f"⟨L(w')⟩ < L(w) at some γ for {', '.join(downhill)}: lower loss lies within reach, the checkpoint "
+                 f"is not at a minimum (marked ↓ in the table), so s mixes flatness with unfinished training"] \
             if downhill else []
+        return lines + unconverged_note(labels, results)
 
     def details(self, label, result):
         """What the measurement resolved for one checkpoint: β, curvature, sampler and the whole internal ladder."""
@@ -108,7 +113,7 @@ def entropy_tables(labels: list[str], results: list, common) -> list:
     examples, beta = shared("n_examples", "{} examples"), shared("beta", "β {:g}")
     about = (f"{shared('sampler', '{}').upper()} · {first.chains} chains × {first.steps} steps "
              f"({first.burn_in} burn-in) · split {common.split.value} ({examples}) · {beta} · seed {common.seed}")
-    mark = lambda r, row: " ↓" if row.loss_mean < r.loss else ""
+    mark = lambda r, row: (" ↓" if row.loss_mean < r.loss else "") + ("" if row.converged else " ?")
     rows = [[f"{g:g}"] + [v for r in results for v in
                           (plus_minus(r.rows[j].local_entropy, r.rows[j].local_entropy_sem) + mark(r, r.rows[j]),
                            fmt(r.rows[j].distance, 3), fmt(r.rows[j].loss_mean))]
@@ -117,4 +122,23 @@ def entropy_tables(labels: list[str], results: list, common) -> list:
                        for c in (f"{label}\ns ± sem", "distance", f"⟨L(w')⟩\nL(w) {fmt(r.loss)}")]
     return [table("s(γ) ± sem: local entropy per parameter (0 = flat, closer to 0 = flatter); distance "
                   "⟨|w' − w|²⟩/N and mean loss ⟨L(w')⟩ of the coupled weights w'", columns, rows,
-                  caption=about + " · ↓: ⟨L(w')⟩ < L(w), not at a minimum")]
+                  caption=about + " · ↓: ⟨L(w')⟩ < L(w), not at a minimum · ?: not converged (R̂ > 1.01 or ESS < 100)")]
+
+
+def unconverged_note(labels: list[str], results: list) -> list[str]:
+    """One line naming every (checkpoint, γ) whose chains did not pass R̂ ≤ 1.01 and ESS ≥ 100, and the flag that
+    helps: --steps when the chains disagree (R̂), --chains or --steps when they merely have too few samples."""
+    from flatcli.measure.diagnostics import ESS_MIN, RHAT_MAX
+    bad = [(label, row) for label, r in zip(labels, results) for row in r.rows if not row.converged]
+    if not bad:
+        return []
+    where = "; ".join(f"{label} at γ {', '.join(f'{row.gamma:g}' for _, row in group)}"
+                      for label in dict.fromkeys(label for label, _ in bad)
+                      for group in [[b for b in bad if b[0] == label]])
+    rhats = [row.rhat for _, row in bad]
+    cure = ("--chains 2 or more (R̂ compares chains)" if any(v != v for v in rhats) else
+            "more --steps (the chains have not mixed)" if any(v > RHAT_MAX for v in rhats) else
+            "more --chains or --steps (too few effective samples)")
+    worst = max((row.rhat for _, row in bad if row.rhat == row.rhat), default=float("nan"))
+    return [f"not converged (R̂ > {RHAT_MAX} or ESS < {ESS_MIN:g}; worst R̂ {worst:.3g}), marked ? in the table: "
+            f"{where}; s and the distance there may be biased — use {cure}"]

@@ -7,6 +7,8 @@ touched). One step, in the "lr" parameterization used everywhere in flatcli:
 
 Unadjusted (SGLD, with a minibatch gradient when the batch is smaller than the data), or followed by a
 Metropolis–Hastings accept/reject (MALA, full batch), which makes p_γ exactly stationary for any η.
+With a preconditioner D = V diag(d) Vᵀ + (I − V Vᵀ) (V orthonormal Hessian eigenvectors) the step is
+δ* = δ − η D ∇U + sqrt(2η/β) D^(1/2) ξ, and MALA's proposal density uses the D⁻¹ norm, so it stays exact.
 """
 from typing import Callable
 
@@ -82,15 +84,32 @@ class FlatEnergy:
                 loss, err = loss + l.detach(), err + e.detach()
         return loss / n, err / n, grad / n
 
-    def curvature(self, gen: torch.Generator, iters: int = 20) -> float:
-        """Largest |eigenvalue| of the Hessian of L at w: power iteration on Hessian-vector products,
-        on at most CHUNK examples (a scale for the Langevin step and the top of the γ ladder)."""
+    def _gradient_graph(self, gen: torch.Generator):
+        """(∇L at w with its graph, the displacement it is taken at), on at most CHUNK examples."""
         chunks, n = self._chunks(None if self.n <= CHUNK else
                                  torch.randperm(self.n, generator=gen, device=gen.device)[:CHUNK])
         with torch.enable_grad():
             d = torch.zeros_like(self.w, requires_grad=True)
-            g = torch.autograd.grad(self._one(self.unflatten(self.w + d), *chunks[0])[0] / n, d,
-                                    create_graph=True)[0]
+            return torch.autograd.grad(self._one(self.unflatten(self.w + d), *chunks[0])[0] / n, d,
+                                       create_graph=True)[0], d
+
+    def hvp(self, gen: torch.Generator):
+        """v ↦ H v, H the Hessian of L at w on at most CHUNK examples (float64 in, float64 out)."""
+        g, d = self._gradient_graph(gen)
+
+        def matvec(v):
+            if not g.requires_grad:
+                return torch.zeros_like(v)
+            with torch.enable_grad():
+                hv = torch.autograd.grad(g, d, v.to(g.dtype), retain_graph=True, allow_unused=True)[0]
+            return torch.zeros_like(v) if hv is None else hv.detach().to(v.dtype)
+        return matvec
+
+    def curvature(self, gen: torch.Generator, iters: int = 20) -> float:
+        """Largest |eigenvalue| of the Hessian of L at w: power iteration on Hessian-vector products,
+        on at most CHUNK examples (a scale for the Langevin step and the top of the γ ladder)."""
+        g, d = self._gradient_graph(gen)
+        with torch.enable_grad():
             v, lam = torch.randn(self.w.shape, generator=gen, device=gen.device), 0.0
             for _ in range(iters):
                 if not g.requires_grad or float(v.norm()) == 0.0:
@@ -119,6 +138,23 @@ class Langevin:
         self.mala = self.is_mala(energy, batch_size)
         self.batch_size = batch_size
         self._perm, self._pos = None, 0
+        self.precond = None  # (V (N, k), d (k,), V in float64): the step is η D, D = V diag(d) Vᵀ + (I − V Vᵀ)
+
+    def _D(self, x, power=1.0):
+        """D^power x for x (C, N) (x itself without a preconditioner)."""
+        if self.precond is None:
+            return x
+        V, d, _ = self.precond
+        return x + ((x @ V) * (d ** power - 1)) @ V.T
+
+    def _norm_inv(self, r):
+        """rᵀ D⁻¹ r per row of r (C, N), in float64."""
+        r = r.double()
+        out = (r ** 2).sum(1)
+        if self.precond is not None:
+            _, d, V64 = self.precond
+            out = out + ((r @ V64) ** 2 * (1 / d.double() - 1)).sum(1)
+        return out
 
     @staticmethod
     def is_mala(energy: FlatEnergy, batch_size: int | None) -> bool:
@@ -139,16 +175,18 @@ class Langevin:
         return torch.stack([torch.randn(self.energy.w.shape, generator=g, device=device) for g in self.gens])
 
     def _noise(self, lr):
-        """sqrt(2η/β) ξ with each chain's own η: (C, N)."""
-        return (2 * lr / self.beta).sqrt().float()[:, None] * self.randn()
+        """sqrt(2η/β) D^(1/2) ξ with each chain's own η: (C, N)."""
+        return (2 * lr / self.beta).sqrt().float()[:, None] * self._D(self.randn(), 0.5)
 
     @torch.no_grad()
     def run(self, delta, gamma, lr, steps, burn_in, adapt=False, tick=None):
         """steps transitions from δ (C, N) at coupling γ with step sizes lr (C,) float64, the first burn_in
         discarded (and, with adapt, used to tune each chain's lr toward TARGET_ACCEPT).
-        Returns (δ, lr, {stat: (C,) mean over kept steps})."""
+        Returns (δ, lr, {stat: (C,) mean over kept steps, and "trace": (C, steps − burn_in, 2) dot and sq
+        at every kept step, for the convergence diagnostics})."""
         names = ("dot", "sq", "loss", "error", "accept")  # dot = δ·∇L(w+δ), sq = |δ|²
         sums = {k: torch.zeros(len(delta), dtype=torch.float64, device=delta.device) for k in names}
+        trace = []
         cur = self.energy(delta) if self.mala else None
         for step in range(steps):
             if self.mala:
@@ -160,27 +198,33 @@ class Langevin:
                 L, E, gL = self.energy(delta, self._minibatch())
                 acc = torch.ones_like(L)
                 kept = delta
-                delta = delta - lr.float()[:, None] * (gL + gamma * delta) + self._noise(lr)
+                delta = delta - lr.float()[:, None] * self._D(gL + gamma * delta) + self._noise(lr)
             if step >= burn_in:
                 x = delta if self.mala else kept
-                for k, v in zip(names, ((x * gL).sum(1), (x * x).sum(1), L, E, acc)):
+                values = ((x * gL).sum(1), (x * x).sum(1), L, E, acc)
+                for k, v in zip(names, values):
                     sums[k] += v
+                trace.append(torch.stack(values[:2], 1).double())
             if tick:
                 tick()
-        return delta, lr, {k: v / (steps - burn_in) for k, v in sums.items()}
+        return delta, lr, {**{k: v / (steps - burn_in) for k, v in sums.items()}, "trace": torch.stack(trace, 1)}
 
     def _mala(self, delta, cur, gamma, lr):
         """One Metropolis-adjusted step; returns (δ, (L, ε, ∇L) at δ, acceptance probability (C,))."""
         b, eta = self.beta, lr.float()[:, None]
         L, _, gL = cur
         gU = gL + gamma * delta
-        prop = delta - eta * gU + self._noise(lr)
+        prop = delta - eta * self._D(gU) + self._noise(lr)
         L2, E2, gL2 = self.energy(prop)
         gU2 = gL2 + gamma * prop
         U = L.double() + gamma / 2 * (delta.double() ** 2).sum(1)
         U2 = L2.double() + gamma / 2 * (prop.double() ** 2).sum(1)
-        fwd = ((prop - delta + eta * gU).double() ** 2).sum(1)  # −log q(δ*|δ), times 4η/β
-        bwd = ((delta - prop + eta * gU2).double() ** 2).sum(1)
+        if self.precond is None:
+            fwd = ((prop - delta + eta * gU).double() ** 2).sum(1)  # −log q(δ*|δ), times 4η/β
+            bwd = ((delta - prop + eta * gU2).double() ** 2).sum(1)
+        else:  # q(δ*|δ) = N(δ − η D ∇U, (2η/β) D): the D⁻¹ norm (det D cancels)
+            fwd = self._norm_inv(prop - delta + eta * self._D(gU))
+            bwd = self._norm_inv(delta - prop + eta * self._D(gU2))
         log_a = -b * (U2 - U) - b * (bwd - fwd) / (4 * lr)  # NaN (a diverged proposal) rejects
         u = torch.stack([torch.rand((), generator=g, device=log_a.device, dtype=log_a.dtype) for g in self.gens])
         ok = torch.log(u) < log_a

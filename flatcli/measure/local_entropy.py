@@ -8,7 +8,9 @@ The slope g(t) = γ ∂s/∂γ is measured by Langevin chains (flatcli.measure._
 in t = log γ, from γ_max = max(largest asked γ, 100 × the top Hessian eigenvalue) down to the smallest asked
 γ, each γ warm-started from the previous one. s(t) = −∫_t^{t_max} g dt − g(t_max): piecewise-cubic quadrature
 in t, plus the tail beyond γ_max where g ≈ c/γ. Each chain gives a whole curve s(γ); the reported value is
-the mean over chains and its standard error std/sqrt(chains). Chain c draws its noise from a generator
+the mean over chains; its standard error is the MCSE of the per-step series whose mean s(γ) is (see
+_summarize), from its bulk ESS, so autocorrelation within chains counts, and R̂ and ESS of that series (with
+the distance's at γ) say whether the chains converged (flatcli.measure.diagnostics: R̂ ≤ 1.01, ESS ≥ 100). Chain c draws its noise from a generator
 seeded with draw_seed(seed, c) and the curvature estimate from one seeded with seed; chains run in passes of
 fixed composition, so the processes of a team (flatcli.parallel) can share the passes out and reassemble the
 one-process result.
@@ -16,7 +18,8 @@ one-process result.
 Default step (lr parameterization δ ← δ − η∇U + sqrt(2η/β) ξ): η_γ = c/(h + γ), h the curvature estimate;
 c starts at min(1, 2 N^(-1/3)) and each chain tunes its own toward 60% acceptance during burn-in
 (MALA, full batch), or c is fixed at 0.02 (SGLD, minibatches: discretization bias ≈ c/2 ≈ 1%, plus the
-usual minibatch-noise bias).
+usual minibatch-noise bias). With precondition = k > 0, h is the k-th Hessian eigenvalue and the top k
+eigen-directions get η_i = c/(h_i + γ) through the preconditioner of _langevin.Langevin (MALA stays exact).
 """
 import math
 from dataclasses import dataclass
@@ -28,7 +31,9 @@ import torch
 from flatcli import parallel
 from flatcli.errors import FlatcliError
 from flatcli.choices import check_loss
+from flatcli.measure import diagnostics
 from flatcli.measure._guard import check_finite_parameters, check_finite_value
+from flatcli.measure._lanczos import lanczos
 from flatcli.measure._langevin import FlatEnergy, Langevin
 from flatcli.measure._perturb import draw_seed
 from flatcli.checks import FLOAT32_MAX, check_float, check_positive_int, check_seed
@@ -43,10 +48,13 @@ STATS = ("dot", "sq", "loss", "error", "accept", "lr")  # per chain and γ: Lang
 class LocalEntropyRow:
     gamma: float
     local_entropy: float  # s(γ), per parameter
-    local_entropy_sem: float  # standard error over chains (NaN with one chain)
+    local_entropy_sem: float  # Monte Carlo standard error, autocorrelation included (from the ESS)
     distance: float  # ⟨|w' − w|²⟩_γ / N
     loss_mean: float  # ⟨L(w')⟩_γ
     error_mean: float  # ⟨ε(w')⟩_γ, NaN for regression and custom losses
+    rhat: float  # the worse R̂ of s(γ)'s per-step series and of the distance at γ (NaN with one chain)
+    ess: float  # the smaller bulk ESS of the two
+    converged: bool  # rhat ≤ 1.01 and ess ≥ 100
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,9 @@ class LadderPoint:
     slope: float  # γ ∂s/∂γ, Stein form (the one integrated)
     slope_sem: float
     slope_direct: float  # (1/2)[1 − (βγ/N)⟨|w' − w|²⟩], for comparison
+    rhat: float  # the worse R̂ of the chains' (w' − w)·∇L and |w' − w|² at this γ
+    ess: float  # the smaller bulk ESS of the two
+    converged: bool
 
 
 @dataclass(frozen=True)
@@ -157,6 +168,7 @@ class EntropySettings:
     loss: str | Callable = "cross-entropy"
     points_per_decade: int = 3
     seed: int = 0
+    precondition: int = 0  # top Hessian eigenpairs in the step's preconditioner (0: none)
 
     def __post_init__(self):
         try:
@@ -181,6 +193,9 @@ class EntropySettings:
         if not callable(self.loss):
             check_loss(self.loss)
         check_seed("seed", self.seed)
+        if not _is_count(self.precondition) or self.precondition < 0:
+            raise FlatcliError(f"precondition={self.precondition!r} is not an integer >= 0",
+                               "pass the number of Hessian eigenpairs, or 0 for none")
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -196,7 +211,7 @@ def local_entropy(model: torch.nn.Module, data, gammas: Sequence[float], *, beta
                   batch_size: int | None = None, loss: str | Callable = "cross-entropy",
                   points_per_decade: int = 3, seed: int = 0,
                   callback: Callable[[int, int], None] | None = None,
-                  chains_per_pass: int = 4) -> LocalEntropyResult:
+                  chains_per_pass: int = 4, precondition: int = 0) -> LocalEntropyResult:
     """Normalized local entropy s(γ) of the model's current weights w at each γ in gammas.
 
     data: (inputs, targets) tensors, or None with ``loss`` a callable energy(params: dict) -> scalar.
@@ -217,9 +232,15 @@ def local_entropy(model: torch.nn.Module, data, gammas: Sequence[float], *, beta
     how the passes are shared out among the processes of a team (``flatcli.parallel``), which take the
     passes p ≡ rank (mod world); the curvature is rank 0's everywhere, so every process builds the same γ
     ladder, and the result equals the one-process result bit for bit.
+
+    precondition: k > 0 preconditions every step by the top k Hessian eigenpairs (h_i, v_i) at w (Lanczos on
+    Hessian-vector products, rank 0's): direction v_i steps η_i = c/(h_i⁺ + γ), every other direction
+    c/(h_k⁺ + γ), so stiff and soft directions relax alike; MALA stays exact (the same D in the proposal and
+    in its density). k = N preconditions every direction. Cost: about k + 10 Hessian-vector products once,
+    and O(C N k) per step.
     """
     settings = EntropySettings(tuple(gammas), beta, steps, burn_in, chains, chains_per_pass, langevin_lr,
-                               batch_size, loss, points_per_decade, seed)
+                               batch_size, loss, points_per_decade, seed, precondition)
     return measure(model, data, settings, callback=callback)
 
 
@@ -245,6 +266,7 @@ def _measure(energy, s: EntropySettings, callback):
     beta = float(energy.n if s.beta is None else s.beta)
     passes = [list(range(c, min(c + s.chains_per_pass, s.chains))) for c in range(0, s.chains, s.chains_per_pass)]
     h = team.first(energy.curvature(torch.Generator(device=device).manual_seed(s.seed)))  # one ladder for all
+    eig = team.first(_eigenpairs(energy, s.precondition, s.seed)) if s.precondition else None
     ladder = gamma_ladder(s.gammas, max(s.gammas[-1], TAIL_FACTOR * h), s.points_per_decade)
     at_w = [float(v[0]) for v in energy(torch.zeros(1, N, device=device))[:2]]  # L(w), ε(w)
     check_finite_value("loss", at_w[0])
@@ -257,27 +279,43 @@ def _measure(energy, s: EntropySettings, callback):
         return Langevin(energy, beta, gens, s.batch_size, torch.Generator(device=device).manual_seed(
             draw_seed(s.seed, BATCH_STREAM)))
 
-    runs = [_run_ladder(sampler(chains), ladder, h, s.steps, s.burn_in, s.langevin_lr, tick) for chains in mine]
-    per_chain = torch.cat(team.gather_units(runs, len(passes)))  # (chains, ladder, stats), chain order
-    return _summarize(per_chain.numpy(), s, ladder, beta, N, energy, h, Langevin.is_mala(energy, s.batch_size),
-                      at_w)
+    runs = [_run_ladder(sampler(chains), ladder, h, s.steps, s.burn_in, s.langevin_lr, tick, eig)
+            for chains in mine]
+    per_chain = torch.cat(team.gather_units(runs, len(passes))).numpy()  # (chains, ladder, stats + trace)
+    return _summarize(per_chain[..., :len(STATS)], per_chain[..., len(STATS):].reshape(
+        *per_chain.shape[:2], -1, 2), s, ladder, beta, N, energy, h, Langevin.is_mala(energy, s.batch_size), at_w)
 
 
-def _summarize(per_chain, s: EntropySettings, ladder, beta, N, energy, h, mala, at_w):
-    """(chains, ladder, stats) per-chain means -> the rows at the asked γ, the ladder, the whole result."""
+def _worse(*ds: diagnostics.Diagnostics) -> tuple[float, float, bool]:
+    """The largest R̂, the smallest ESS and whether all converged."""
+    return max(d.rhat for d in ds), min(d.ess for d in ds), all(d.converged for d in ds)
+
+
+def _summarize(per_chain, traces, s: EntropySettings, ladder, beta, N, energy, h, mala, at_w):
+    """(chains, ladder, stats) per-chain means and (chains, ladder, kept steps, 2) traces of (dot, sq) ->
+    the rows at the asked γ, the ladder, the whole result.
+
+    s(γ_i) = Σ_j A_ij mean(dot_j), A = −(β/2N) M, is also the mean of the per-step series
+    s_t = Σ_j A_ij dot_j[t] (step t of every ladder γ), so R̂, ESS and the MCSE of that series are those of
+    s(γ_i) itself: a chain that has not equilibrated at any γ_j ≥ γ_i shows up, weighted by its share."""
     _check_finite(per_chain, ladder)
     col = dict(zip(STATS, np.moveaxis(per_chain, 2, 0)))  # name -> (chains, ladder)
     slope = beta / (2 * N) * col["dot"]  # γ ∂s/∂γ, Stein form
-    curves = -slope @ integration_matrix(np.log(ladder)).T  # (chains, ladder): one s(γ) curve per chain
-    sem = lambda a: a.std(0, ddof=1) / math.sqrt(s.chains) if s.chains > 1 else np.full(a.shape[1], np.nan)
-    ent, ent_sem, slope_sem = curves.mean(0), sem(curves), sem(slope)
+    A = -beta / (2 * N) * integration_matrix(np.log(ladder))  # (ladder, ladder)
+    s_series = np.einsum("ij,cjt->ict", A, traces[..., 0])  # (ladder, chains, kept)
+    s_diag = [diagnostics.summary(x) for x in s_series]
+    point_diag = [_worse(diagnostics.summary(traces[:, j, :, 0]), diagnostics.summary(traces[:, j, :, 1]))
+                  for j in range(len(ladder))]
+    sq_diag = [diagnostics.summary(traces[:, j, :, 1]) for j in range(len(ladder))]
+    ent = s_series.mean((1, 2))
+    slope_sem = np.array([diagnostics.mcse(beta / (2 * N) * traces[:, j, :, 0]) for j in range(len(ladder))])
     sq, loss_mean, err_mean, lrs = (col[k].mean(0) for k in ("sq", "loss", "error", "lr"))
     acc = col["accept"].mean(0) if mala else np.full(len(ladder), np.nan)
     idx = [int(np.argmin(np.abs(np.log(ladder) - math.log(g)))) for g in s.gammas]  # asked γ are on the ladder
-    rows = [LocalEntropyRow(g, float(ent[i]), float(ent_sem[i]), float(sq[i] / N), float(loss_mean[i]),
-                            float(err_mean[i])) for g, i in zip(s.gammas, idx)]
-    points = [LadderPoint(float(g), float(lr), float(a), float(m), float(e), float(0.5 * (1 - beta * g * q / N)))
-              for g, lr, a, m, e, q in zip(ladder, lrs, acc, slope.mean(0), slope_sem, sq)]
+    rows = [LocalEntropyRow(g, float(ent[i]), s_diag[i].mcse, float(sq[i] / N), float(loss_mean[i]),
+                            float(err_mean[i]), *_worse(s_diag[i], sq_diag[i])) for g, i in zip(s.gammas, idx)]
+    points = [LadderPoint(float(g), float(lr), float(a), float(m), float(e), float(0.5 * (1 - beta * g * q / N)), *d)
+              for g, lr, a, m, e, q, d in zip(ladder, lrs, acc, slope.mean(0), slope_sem, sq, point_diag)]
     return LocalEntropyResult(rows, points, beta, N, 0 if energy.x is None else energy.n, h,
                               "mala" if mala else "sgld", float(acc.mean()), *at_w, settings=s)
 
@@ -293,26 +331,44 @@ def _check_finite(per_chain, ladder):
                            "lower the Langevin lr, or leave it unset to choose it from the curvature")
 
 
-def _run_ladder(sampler, ladder, h, steps, burn_in, langevin_lr, tick) -> torch.Tensor:
+def _eigenpairs(energy, k, seed):
+    """The top min(k, N) Hessian eigenpairs at w, (values (k,) clamped at 0, vectors (N, k)), on the CPU."""
+    N = energy.w.numel()
+    k = min(k, N)
+    gen = torch.Generator(device=energy.w.device).manual_seed(draw_seed(seed, -2))
+    values, vectors, _, _ = lanczos(energy.hvp(gen), N, k, which="LA", tol=1e-3, max_iters=min(N, 2 * k + 10),
+                                    generator=gen, device=energy.w.device)
+    return values.clamp(min=0).cpu(), vectors.cpu()
+
+
+def _run_ladder(sampler, ladder, h, steps, burn_in, langevin_lr, tick, eig=None) -> torch.Tensor:
     """Chains from the largest γ down, each γ warm-started from the previous one.
-    Returns the per-chain means of STATS, (chains, ladder, len(STATS)) float64 on the CPU, in ascending γ;
-    NaN from the γ where a chain diverged on."""
+    Returns the per-chain means of STATS, then the kept steps' (dot, sq) traces, flattened:
+    (chains, ladder, len(STATS) + 2 × kept) float64 on the CPU, in ascending γ;
+    NaN from the γ where a chain diverged on. eig: (values, vectors) of the preconditioner, or None."""
     C, N, beta = len(sampler.gens), sampler.energy.w.numel(), sampler.beta
     device = sampler.energy.w.device
+    if eig is not None:  # the base step serves the directions outside V: c/(h_k + γ)
+        values, V = eig[0].to(device), eig[1].to(device, torch.float32)
+        h = float(values[-1])
     c0 = min(1.0, 2 * N ** (-1 / 3)) if sampler.mala else SGLD_SCALE
     scale = torch.full((C,), c0, dtype=torch.float64, device=device)  # c = η (h + γ), per chain
     # start near equilibrium at γ_max ≫ h: p_γmax ≈ N(0, I/(β γ_max))
     delta = sampler.randn() / math.sqrt(beta * ladder[-1])
-    out = torch.full((C, len(ladder), len(STATS)), math.nan, dtype=torch.float64)
+    kept = steps - burn_in
+    out = torch.full((C, len(ladder), len(STATS) + 2 * kept), math.nan, dtype=torch.float64)
     prev = None
     for j in reversed(range(len(ladder))):
         gamma = float(ladder[j])
         if prev:  # flat directions (h ≪ γ) get their exact variance 1/(βγ) at once; stiff ones relax fast
             delta = delta * math.sqrt(prev / gamma)
         lr = torch.full_like(scale, langevin_lr) if langevin_lr else scale / (h + gamma)
+        if eig is not None:  # direction v_i: η d_i = c/(h_i + γ)
+            sampler.precond = (V, ((h + gamma) / (values + gamma)).float(), V.double())
         delta, lr, st = sampler.run(delta, gamma, lr, steps, burn_in,
                                     adapt=sampler.mala and langevin_lr is None, tick=tick)
-        out[:, j] = torch.stack([*(st[k] for k in STATS[:-1]), lr], 1).cpu()
+        out[:, j, :len(STATS)] = torch.stack([*(st[k] for k in STATS[:-1]), lr], 1).cpu()
+        out[:, j, len(STATS):] = st["trace"].reshape(C, -1).cpu()
         if not torch.isfinite(delta).all():  # stop here; marked for _check_finite
             out[:, j, :2] = math.nan
             break
