@@ -74,10 +74,24 @@ def assert_interrupted(code: int, err: str, out: Path):
     assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
 
 
+def wait_until_torch_is_mapped(pid: int, timeout: float = 60) -> None:
+    """Until the process has loaded torch's shared library (flatcli, not the interpreter's own start-up, runs):
+    a SIGINT before Python runs any code kills any program, so the test waits for the start-up that is flatcli's."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if "libtorch" in Path(f"/proc/{pid}/maps").read_text():
+                return
+        except OSError:
+            pass
+        time.sleep(0.01)
+    raise AssertionError("the process never loaded torch")
+
+
 def test_ctrl_c_during_start_up_exits_130_with_one_line(runs, tmp_path):
     out = tmp_path / "energy.csv"
     watched = Watched("local-energy", runs / "sgd", "--csv", out, "--device", "cpu")
-    time.sleep(0.3)  # python has started; flatcli is importing torch or loading the checkpoint
+    wait_until_torch_is_mapped(watched.proc.pid)  # flatcli's code is running: it is importing torch
     code, err = watched.interrupt()
     assert_interrupted(code, err, out)
     assert len([line for line in err.splitlines() if line.strip()]) == 1
