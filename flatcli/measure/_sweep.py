@@ -102,3 +102,24 @@ def vmap_works(model: nn.Module, source: DataSource) -> bool:
     except Exception:  # any failure inside vmap means: run one draw at a time
         return False
 
+
+
+def perturbation_setup(model: nn.Module, data, batch_size: int, bn: str, bn_batches: int, bn_data=None):
+    """What every estimator that perturbs the weights starts with: the model checked (it has parameters, all
+    finite), the data as re-iterable batches on its device, the state to restore and the perturbation, and, with
+    ``bn="recompute"``, the BatchNorm layers and the inputs to re-estimate them on.
+
+    Returns (device, source, state, pert, bns, bn_x).
+    """
+    from flatcli.measure import _perturb
+    from flatcli.measure._guard import check_finite_parameters
+    params = list(model.parameters())
+    if not params:
+        raise FlatcliError("the model has no parameters to perturb", "pass a model with weights")
+    check_finite_parameters(model)
+    device = params[0].device
+    source = DataSource(data, batch_size, device)
+    state, pert = _perturb.ModelState(model), _perturb.Perturbation(model)
+    bns = _perturb.batchnorms(model) if bn == "recompute" else []
+    bn_x = batch_list(source if bn_data is None else bn_data, batch_size, device, bn_batches) if bns else []
+    return device, source, state, pert, bns, bn_x

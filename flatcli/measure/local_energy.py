@@ -27,8 +27,8 @@ from flatcli.devices import autocast
 from flatcli.errors import FlatcliError
 from flatcli.choices import check_loss
 from flatcli.measure import _perturb
-from flatcli.measure._guard import check_finite_parameters, check_finite_value
-from flatcli.measure._sweep import DataSource, batch_list, draw_sums, vmap_forward, vmap_works
+from flatcli.measure._guard import check_finite_value
+from flatcli.measure._sweep import draw_sums, perturbation_setup, vmap_forward, vmap_works
 from flatcli.checks import check_choice, check_positive_int, check_seed, check_sigmas
 
 NOISES = ("multiplicative", "additive")
@@ -180,15 +180,7 @@ def local_energy(model: nn.Module, data, sigmas, *, samples: int = 50, noise: st
 def measure(model: nn.Module, data, settings: EnergySettings, *, bn_data=None, callback=None) -> LocalEnergy:
     """``local_energy`` with its options already validated in ``settings``."""
     s = settings
-    params = list(model.parameters())
-    if not params:
-        raise FlatcliError("the model has no parameters to perturb", "pass a model with weights")
-    check_finite_parameters(model)
-    device = params[0].device
-    source = DataSource(data, s.batch_size, device)
-    state, pert = _perturb.ModelState(model), _perturb.Perturbation(model)
-    bns = _perturb.batchnorms(model) if s.bn == "recompute" else []
-    bn_x = batch_list(source if bn_data is None else bn_data, s.batch_size, device, s.bn_batches) if bns else []
+    device, source, state, pert, bns, bn_x = perturbation_setup(model, data, s.batch_size, s.bn, s.bn_batches, bn_data)
     amp = autocast(device, s.amp)  # every forward pass, the references' too, in bfloat16 when asked
     amp.__enter__()
     try:

@@ -30,8 +30,8 @@ from flatcli.checks import check_choice, check_float, check_positive_int, check_
 from flatcli.choices import check_loss
 from flatcli.errors import FlatcliError
 from flatcli.measure import _perturb
-from flatcli.measure._guard import check_finite_parameters, check_finite_value
-from flatcli.measure._sweep import DataSource, batch_list, draw_sums
+from flatcli.measure._guard import check_finite_value
+from flatcli.measure._sweep import draw_sums, perturbation_setup
 
 NOISES = ("magnitude-aware", "plain")
 BN_POLICIES = ("eval", "recompute")
@@ -107,15 +107,7 @@ def pac_bayes_sigma(model: nn.Module, data, *, target: float = 0.1, noise: str =
 def measure(model: nn.Module, data, settings: PacBayesSettings, *, bn_data=None, callback=None) -> PacBayesResult:
     """``pac_bayes_sigma`` with its options already validated in ``settings``."""
     s = settings
-    params = list(model.parameters())
-    if not params:
-        raise FlatcliError("the model has no parameters to perturb", "pass a model with weights")
-    check_finite_parameters(model)
-    device = params[0].device
-    source = DataSource(data, s.batch_size, device)
-    state, pert = _perturb.ModelState(model), _perturb.Perturbation(model)
-    bns = _perturb.batchnorms(model) if s.bn == "recompute" else []
-    bn_x = batch_list(source if bn_data is None else bn_data, s.batch_size, device, s.bn_batches) if bns else []
+    device, source, state, pert, bns, bn_x = perturbation_setup(model, data, s.batch_size, s.bn, s.bn_batches, bn_data)
     team = parallel.current()
     draws = list(team.mine(s.samples))
     total = len(draws) * (3 + math.ceil(math.log2(1 / s.tolerance)) + 2)  # a typical bisection
