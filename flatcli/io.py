@@ -15,7 +15,8 @@ from pathlib import Path
 
 from flatcli.errors import FlatcliError
 
-TEMP_PATTERN = re.compile(r"^\..+\.[A-Za-z0-9_]{6,}\.tmp(\.[A-Za-z0-9]+)?$")  # atomic_path's .NAME.XXXXXX.tmp.SUFFIX
+# atomic_path's .NAME.XXXXXX.tmp.SUFFIX, and .tmpXXXXXX: the temporary safetensors' own writer makes beside it
+TEMP_PATTERN = re.compile(r"^(\..+\.[A-Za-z0-9_]{6,}\.tmp(\.[A-Za-z0-9]+)?|\.tmp[A-Za-z0-9]{6})$")
 LOCK_NAME = ".lock"
 
 

@@ -457,3 +457,12 @@ def test_two_trains_on_one_folder_one_proceeds_the_other_is_refused(tmp_path, mo
     assert first.exitcode == 0, (tmp_path / "first.txt").read_text()[-2000:]
     meta = json.loads(invoke("info", out, "--json").stdout)["metadata"]
     assert meta["complete"] and meta["step"] == 60  # the whole run, by the one writer
+
+
+def test_a_resumed_run_removes_the_temporaries_a_kill_left(tmp_path):
+    """A kill inside a save leaves atomic_path's temporary or safetensors' own (.tmpXXXXXX) beside the files."""
+    from flatcli.io import remove_stray_temporaries
+    for name in (".model.safetensors.k2j4h1.tmp.safetensors", ".tmpejemsR", "notes.txt", ".lock"):
+        (tmp_path / name).write_text("x")
+    assert sorted(remove_stray_temporaries(tmp_path)) == [".model.safetensors.k2j4h1.tmp.safetensors", ".tmpejemsR"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "notes.txt"]
