@@ -13,6 +13,7 @@ from flatcli.errors import FlatcliError
 from flatcli.losses import evaluate, tensor_batches
 from flatcli.measure import local_energy, parse_sigmas
 from flatcli.measure._perturb import draw_noise
+from problems import noisy_linear_classifier
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,17 +26,7 @@ def _normal_cdf(t: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def linear_problem():
     """A two-class linear classifier that makes some mistakes on its own Gaussian data."""
-    g = torch.Generator().manual_seed(1)
-    d, n = 5, 400
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    teacher = torch.randn(d, generator=g, dtype=torch.float64)
-    y = (x @ teacher + 0.7 * torch.randn(n, generator=g, dtype=torch.float64) > 0).long()
-    model = nn.Linear(d, 2).double()
-    with torch.no_grad():
-        model.weight.copy_(torch.stack([-0.4 * teacher, 0.6 * teacher]) + 0.2 * torch.randn(2, d, generator=g,
-                                                                                           dtype=torch.float64))
-        model.bias.copy_(torch.tensor([0.3, -0.2]))
-    return model, x, y
+    return noisy_linear_classifier(d=5, label_noise=0.7)
 
 
 def _expected_error(model, x, y, sigma, noise):

@@ -11,6 +11,7 @@ from scipy.optimize import brentq
 from flatcli.errors import FlatcliError
 from flatcli.measure.pac_bayes import pac_bayes_sigma
 from test_local_energy import run_team
+from problems import noisy_linear_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,17 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def linear_problem():
     """A two-class linear classifier on Gaussian data that makes some mistakes; weights of mixed sizes. With 40
     inputs the noise moves the examples' margins nearly independently, so a few hundred draws pin σ* down."""
-    g = torch.Generator().manual_seed(1)
-    d, n = 40, 400
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    teacher = torch.randn(d, generator=g, dtype=torch.float64)
-    y = (x @ teacher + 2 * torch.randn(n, generator=g, dtype=torch.float64) > 0).long()
-    model = nn.Linear(d, 2).double()
-    with torch.no_grad():
-        model.weight.copy_(torch.stack([-0.4 * teacher, 0.6 * teacher]) + 0.2 * torch.randn(2, d, generator=g,
-                                                                                           dtype=torch.float64))
-        model.bias.copy_(torch.tensor([0.3, -0.2]))
-    return model, x, y
+    return noisy_linear_classifier(d=40, label_noise=2)
 
 
 def expected_error(model, x, y, sigma, noise, epsilon=1e-3, variance_bug=False):
